@@ -1,0 +1,200 @@
+"""The quantization engine every method goes through: prepare -> trace -> plan -> allocate -> swap.
+
+1. deep-copy the model (the input is never touched), check that every weight is finite;
+2. fold BatchNorm (its beta/gamma become the per-channel output statistics of the conv);
+3. optional method-specific preparation (DFQ equalization, OCS splitting, ...);
+4. trace one forward pass: execution order of the weight layers, their input shapes and data-free ranges;
+5. plan per layer (first/last-layer policy): weight bits, activation bits, maximum order;
+6. allocate the sparse orders under the budget (uniform or greedy), choose neurons by residual norm;
+7. expand each weight and swap in a QuantLayer.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .cost import conv2d_macs, linear_macs
+from .errors import ConfigError, WeightError
+from .expansion import (
+    LayerCost,
+    allocate_greedy,
+    allocate_uniform,
+    expand_terms,
+    reconstruct,
+    residual_norms,
+    select_masks,
+)
+from .nn.layers import ActQuantizer, QuantLayer, make_quant_layer
+from .quant import WeightQuantizer, check_finite
+from .spec import QuantSpec
+from .trace import trace
+from .transforms import fold_batchnorm, get_module, set_module
+
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+
+QuantizerFactory = Callable[[int, str], WeightQuantizer]  # (bits, layer name) -> operator
+Prepare = Callable[[nn.Module, object, dict], tuple[nn.Module, dict]]
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    wbits: int
+    abits: Optional[int]
+    order: int
+    macs: int
+    channels: int
+    input_range: Optional[tuple[float, float]]
+    role: str  # first | last | body
+    quantize: bool = True
+
+
+@dataclass
+class QuantInfo:
+    """Attached to a quantized model as ``model.rex_info``."""
+
+    spec: QuantSpec
+    plans: list[LayerPlan] = field(default_factory=list)
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def check_model_weights(model: nn.Module) -> None:
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point():
+            try:
+                check_finite(p, f"parameter {name!r}")
+            except WeightError as e:
+                raise WeightError(f"{e}. Nothing was quantized.") from None
+
+
+def default_example_input(model: nn.Module) -> torch.Tensor:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return torch.zeros((1, m.in_channels, *DEFAULT_INPUT_SHAPE[2:]))
+        if isinstance(m, nn.Linear):
+            return torch.zeros((1, m.in_features))
+    raise ConfigError("model has no Conv2d or Linear layer: nothing to quantize")
+
+
+def _macs(module: nn.Module, in_shape: tuple, out_shape: tuple) -> int:
+    if isinstance(module, nn.Conv2d):
+        return conv2d_macs(module.in_channels, module.out_channels, tuple(in_shape[-2:]), module.kernel_size,
+                           module.stride, module.padding, module.dilation, module.groups, output_hw=tuple(out_shape[-2:]))
+    rows = 1
+    for d in in_shape[1:-1]:
+        rows *= d
+    return linear_macs(module.in_features, module.out_features, rows)
+
+
+def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
+    plans = []
+    n = len(tr.order)
+    for i, name in enumerate(tr.order):
+        m = get_module(model, name)
+        role = "first" if i == 0 else "last" if i == n - 1 else "body"
+        wbits, abits, order, quant = spec.wbits, spec.abits, spec.order, True
+        if role != "body" and spec.first_last == "8bit":
+            wbits, order = max(8, spec.wbits), 1
+            abits = None if spec.abits is None else max(8, spec.abits)
+        elif role != "body" and spec.first_last == "fp":
+            quant, abits, order = False, None, 1
+        rng = tr.input_range.get(name)
+        if rng is None:
+            abits = None  # no data-free range: input left in float (recorded in the report)
+        plans.append(LayerPlan(name, wbits, abits, order, _macs(m, tr.input_shape[name], tr.output_shape.get(name, ())),
+                               m.weight.shape[0], rng, role, quant))
+    return plans
+
+
+def _allocate(model, plans, spec, quantizer_factory) -> dict[str, list[int]]:
+    costs = []
+    for p in plans:
+        if not p.quantize:
+            continue
+        lc = LayerCost(p.name, p.macs, p.wbits, p.abits or 32, p.channels, p.order)
+        if spec.allocation == "greedy" and p.order > 1 and spec.budget is not None:
+            w = get_module(model, p.name).weight.detach()
+            terms = expand_terms(w, quantizer_factory(p.wbits, p.name), p.order, name=p.name)
+            norms = residual_norms(terms, w)  # [K+1, C]
+            gains = (norms[1:-1] - norms[2:]) / norms[0].sum().clamp(min=1e-30)
+            lc.gains = gains
+        costs.append(lc)
+    if spec.budget is None:
+        return {p.name: [p.channels] * (p.order - 1) for p in plans if p.order > 1}
+    fn = allocate_greedy if spec.allocation == "greedy" else allocate_uniform
+    return fn(costs, spec.budget, spec.order)
+
+
+def quantize_model(
+    model: nn.Module,
+    spec: QuantSpec,
+    example_input=None,
+    input_range: Optional[tuple[float, float]] = None,
+    *,
+    quantizer_factory: Optional[QuantizerFactory] = None,
+    prepare: Optional[Prepare] = None,
+    range_override: Optional[dict[str, tuple[float, float]]] = None,
+    inplace: bool = False,
+) -> nn.Module:
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"quantize() needs a torch.nn.Module, got {type(model).__name__}")
+    check_model_weights(model)
+    m = model if inplace else copy.deepcopy(model)
+    m.eval()
+    ex = example_input if example_input is not None else default_example_input(m)
+    info = QuantInfo(spec)
+    stats: dict = {}
+    if spec.fold_bn:
+        fr = fold_batchnorm(m, ex, inplace=True)
+        stats, info.folded = fr.output_stats, fr.folded
+    if prepare is not None:
+        m, stats = prepare(m, ex, stats)
+    tr = trace(m, ex, sigma=spec.sigma, input_range=input_range, output_stats=stats)
+    if not tr.order:
+        raise ConfigError("model has no Conv2d or Linear layer reached by the example input: nothing to quantize")
+    if range_override:
+        for k, v in range_override.items():
+            tr.input_range[k] = v
+    plans = plan_layers(m, tr, spec)
+    if quantizer_factory is None:
+        quantizer_factory = lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity)  # noqa: E731
+    counts = _allocate(m, plans, spec, quantizer_factory)
+    for p in plans:
+        if not p.quantize:
+            continue
+        inner = get_module(m, p.name)
+        w = inner.weight.detach()
+        q = quantizer_factory(p.wbits, p.name)
+        masks = select_masks(w, q, p.order, counts.get(p.name, []), spec.criterion) if p.order > 1 else None
+        terms = expand_terms(w, q, p.order, masks, name=p.name)
+        act = None
+        if p.abits is not None and p.input_range is not None:
+            act = ActQuantizer(p.abits, p.input_range[0], p.input_range[1],
+                               source="input" if p.role == "first" else "bn-propagated")
+        layer = make_quant_layer(inner, terms, act, p.wbits, name=p.name, mode=spec.mode)
+        # measured error vs the bound of method.md §2 at each row's effective order
+        err = (w.float() - reconstruct(terms)).flatten(1).abs().amax(1)
+        n_terms = torch.stack([t.mask for t in terms]).sum(0)
+        s1 = terms[0].qt.channel_scale(w.shape[0])  # order-1 scale per channel
+        bound = (s1 / 2) * float(2**p.wbits - 2) ** (-(n_terms.float() - 1))
+        layer.max_err = float(err.max())
+        layer.bound_max = float(bound.max())
+        layer.bound_ok = bool((err <= bound * (1 + 1e-5) + 1e-12).all()) if spec.symmetric else None
+        layer.role = p.role
+        set_module(m, p.name, layer)
+    info.plans = plans
+    info.seconds = time.perf_counter() - t0
+    unq = [p.name for p in plans if p.quantize and p.abits is None and spec.abits is not None]
+    if unq:
+        info.notes.append(f"inputs left in float (no data-free range): {', '.join(unq)}")
+    m.rex_info = info
+    return m

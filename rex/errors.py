@@ -1,0 +1,35 @@
+"""Errors that name the problem and the fix. Every user-facing failure raises one of these."""
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class RexError(Exception):
+    """Base class: the CLI prints the message (no traceback) and exits with status 2."""
+
+
+class ConfigError(RexError, ValueError):
+    """A configuration value is out of range, malformed or contradicts another one."""
+
+
+class UnknownNameError(RexError, KeyError):
+    """A registry lookup failed; the message lists the known names."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str]):
+        self.kind, self.name, self.known = kind, name, sorted(known)
+        super().__init__(f"unknown {kind} {name!r}; known {kind}s: {', '.join(self.known)}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0]
+
+
+class DatasetError(RexError):
+    """A dataset folder is missing, empty or unreadable."""
+
+
+class CheckpointError(RexError):
+    """A checkpoint is missing, corrupted, truncated or does not match the architecture."""
+
+
+class WeightError(RexError, ValueError):
+    """A weight tensor cannot be quantized (NaN or Inf values)."""

@@ -1,0 +1,253 @@
+"""Residual expansion of order K (method.md §2) and its group-sparse version under a BOPs budget (§3).
+
+    R(1) = Q_b(W),   R(k) = Q_b(W - sum_{j<k} R(j)),   W ~ sum_k R(k)
+
+Each order has its own per-channel scale. With masks, order k is kept only for the selected output
+channels (neurons); the residual of a neuron is always computed from what was actually kept, so a neuron
+skipped at order k is a candidate again at order k+1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import math
+import torch
+
+from .errors import ConfigError
+from .quant import QTensor, WeightQuantizer, check_finite
+
+
+@dataclass
+class ExpansionTerm:
+    """One b-bit term of an expansion: integers q (C_out x ...), per-channel scale, channel mask."""
+
+    qt: QTensor
+    mask: torch.Tensor  # bool [C_out]; False rows are exactly zero
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self.qt.q
+
+    @property
+    def density(self) -> float:
+        return float(self.mask.float().mean())
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.qt.dequantize()
+        return w * _rows(self.mask, w).to(w.dtype)
+
+
+def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape([-1] + [1] * (like.dim() - 1))
+
+
+def check_order(order: int) -> int:
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ConfigError(f"expansion order K must be an integer >= 1 (K=1 is plain quantization), got {order!r}")
+    return order
+
+
+def expand_terms(
+    weight: torch.Tensor,
+    quantizer: WeightQuantizer,
+    order: int,
+    masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    name: str = "weight",
+) -> list[ExpansionTerm]:
+    """Expand ``weight`` into ``order`` terms. ``masks[k]`` (bool per output channel) restricts order k+1;
+    order 1 is always dense. Rows outside the mask are set to exactly zero in that term."""
+    check_order(order)
+    check_finite(weight, name)
+    w = weight.detach().to(torch.float32)
+    c_out = w.shape[0]
+    residual = w.clone()
+    terms: list[ExpansionTerm] = []
+    for k in range(order):
+        mask = None if masks is None or k == 0 else masks[k]
+        mask = torch.ones(c_out, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+        if k > 0 and not mask.any():
+            terms.append(ExpansionTerm(_zero_qtensor(w, quantizer.bits), mask))
+            continue
+        # the scale of a sparse order is computed from the rows it keeps (per channel this changes nothing)
+        target = residual * _rows(mask, residual).to(residual.dtype)
+        qt = quantizer(target, name=f"{name} (order {k + 1})")
+        if qt.zero_point is None:
+            qt.q = qt.q * _rows(mask, qt.q).to(qt.q.dtype)
+        term = ExpansionTerm(qt, mask)
+        residual = residual - term.dequantize()
+        terms.append(term)
+    return terms
+
+
+def _zero_qtensor(w: torch.Tensor, bits: int) -> QTensor:
+    from .quant import int_dtype
+
+    return QTensor(torch.zeros_like(w, dtype=int_dtype(bits)), torch.zeros(w.shape[0]), None, bits)
+
+
+def expand(weight: torch.Tensor, bits: int, order: int, granularity: str = "per_channel") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The bare expansion of one tensor: ``[(q_k int tensor, s_k per-channel scale), ...]`` with
+    ``weight ~ sum_k s_k[:, None, ...] * q_k``. Symmetric per-channel round-to-nearest operator."""
+    quantizer = WeightQuantizer(bits, symmetric=True, granularity=granularity)
+    return [(t.qt.q, t.qt.channel_scale(weight.shape[0])) for t in expand_terms(weight, quantizer, order)]
+
+
+def reconstruct(terms: Sequence[ExpansionTerm]) -> torch.Tensor:
+    """W(K) = sum of the dequantized terms."""
+    out = terms[0].dequantize()
+    for t in terms[1:]:
+        out = out + t.dequantize()
+    return out
+
+
+def error_bound(weight: torch.Tensor, bits: int, order: int) -> torch.Tensor:
+    """Per-channel bound of method.md §2: ||W_i - W(K)_i||_inf <= (s_i/2) (2^b - 2)^-(K-1), s_i the order-1
+    symmetric scale. Holds for the symmetric round-to-nearest operator with dense expansion."""
+    from .quant import symmetric_scale
+
+    s1 = symmetric_scale(weight.detach().float(), bits, 0)
+    return (s1 / 2) * float(2**bits - 2) ** (-(order - 1))
+
+
+def residual_norms(terms: Sequence[ExpansionTerm], weight: torch.Tensor) -> torch.Tensor:
+    """[K+1, C_out] squared L2 norms of the residual after 0..K terms (row 0 is ||W_i||^2)."""
+    w = weight.detach().float()
+    rows = [w.flatten(1).pow(2).sum(1)]
+    residual = w.clone()
+    for t in terms:
+        residual = residual - t.dequantize()
+        rows.append(residual.flatten(1).pow(2).sum(1))
+    return torch.stack(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# budget allocation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerCost:
+    """What the allocator needs to know about one expandable layer."""
+
+    name: str
+    macs: int  # per sample
+    wbits: int
+    abits: int  # 32 when the layer's input is not quantized
+    channels: int
+    order: int  # maximum order allowed for this layer (1 = never expanded)
+    gains: Optional[torch.Tensor] = None  # [order-1, C] error reduction of extra terms 2..order (greedy)
+
+    @property
+    def term_bops(self) -> int:
+        """BOPs of one dense term."""
+        return self.macs * self.wbits * self.abits
+
+    def channel_bops(self) -> float:
+        return self.term_bops / self.channels
+
+
+def plain_bops(layers: Sequence[LayerCost]) -> int:
+    return sum(l.term_bops for l in layers)
+
+
+def budget_to_extra_bops(layers: Sequence[LayerCost], budget: float | int) -> float:
+    """Budget as a ratio (<= 64, relative to the plain model: 1.5 = half an extra order) or absolute BOPs."""
+    base = plain_bops(layers)
+    if budget is None:
+        return math.inf
+    if budget < 1:
+        raise ConfigError(f"budget must be >= 1 (a ratio of the plain W_b/A_a BOPs, 1 = plain quantization) or an absolute BOPs number, got {budget!r}")
+    total = budget * base if budget <= 64 else float(budget)
+    if total < base:
+        raise ConfigError(
+            f"budget of {budget:.4g} BOPs is below the plain quantized model's {base:.4g} BOPs: unreachable; "
+            "give a ratio >= 1 or a larger absolute number"
+        )
+    return total - base
+
+
+def allocate_uniform(layers: Sequence[LayerCost], budget: float | None, order: int) -> dict[str, list[int]]:
+    """The paper's allocation: the same density gamma at every order k >= 2 in every expandable layer,
+    gamma = (B - 1) / (K - 1) for a ratio budget B (capped at 1). Channel counts are floored, so the budget
+    is met from below. Returns {layer: [n_channels at order 2, ..., order K]}."""
+    expandable = [l for l in layers if l.order > 1]
+    if budget is None:
+        return {l.name: [l.channels] * (l.order - 1) for l in expandable}
+    extra = budget_to_extra_bops(layers, budget)
+    extra_dense = sum(l.term_bops * (l.order - 1) for l in expandable)
+    if not expandable or extra_dense == 0:
+        return {}
+    gamma = min(1.0, extra / extra_dense)
+    counts = {l.name: [int(math.floor(gamma * l.channels + 1e-9))] * (l.order - 1) for l in expandable}
+    # floor can only undershoot; the float guard above never overshoots the ratio
+    return counts
+
+
+def allocate_greedy(layers: Sequence[LayerCost], budget: float | None, order: int) -> dict[str, list[int]]:
+    """Beyond the paper: pick (layer, neuron, next term) units by largest error reduction per BOP until the
+    budget is spent. A neuron's j-th extra term is only taken after its (j-1)-th (gains are made
+    non-increasing along a neuron's terms). Returns per-layer channel counts per order; which channels
+    is decided afterwards by the residual-norm criterion, which keeps the chosen neurons."""
+    expandable = [l for l in layers if l.order > 1]
+    if budget is None:
+        return {l.name: [l.channels] * (l.order - 1) for l in expandable}
+    extra = budget_to_extra_bops(layers, budget)
+    ratios, costs, owners, terms = [], [], [], []
+    for li, l in enumerate(expandable):
+        g = l.gains  # [order-1, C]
+        if g is None:
+            raise ValueError(f"greedy allocation needs gains for layer {l.name}")
+        g = torch.cummin(g.clamp(min=0), dim=0).values  # a later term never looks better than an earlier one
+        c = l.channel_bops()
+        ratios.append((g / c).flatten())
+        costs.append(torch.full((g.numel(),), c, dtype=torch.float64))
+        owners.append(torch.full((g.numel(),), li, dtype=torch.long))
+        terms.append(torch.arange(g.shape[0]).repeat_interleave(g.shape[1]))
+    if not ratios:
+        return {}
+    ratio = torch.cat(ratios).double()
+    cost = torch.cat(costs)
+    owner = torch.cat(owners)
+    term = torch.cat(terms)
+    # stable sort: ties go to the earlier term, so chains stay consistent
+    order_idx = torch.argsort(-ratio, stable=True)
+    cum = torch.cumsum(cost[order_idx], 0)
+    take = order_idx[cum <= extra * (1 + 1e-12)]
+    counts = {l.name: [0] * (l.order - 1) for l in expandable}
+    if take.numel():
+        pairs = torch.stack([owner[take], term[take]], 1)
+        uniq, n = torch.unique(pairs, dim=0, return_counts=True)
+        for (li, k), c in zip(uniq.tolist(), n.tolist()):
+            counts[expandable[li].name][k] = c
+    # enforce monotone counts across orders (a term j+1 implies term j for that neuron)
+    for name, cs in counts.items():
+        for k in range(1, len(cs)):
+            cs[k] = min(cs[k], cs[k - 1])
+    return counts
+
+
+def select_masks(
+    weight: torch.Tensor, quantizer: WeightQuantizer, order: int, counts: Sequence[int], criterion: str = "residual"
+) -> list[Optional[torch.Tensor]]:
+    """Masks for orders 2..K: at each order, the ``counts[k-2]`` neurons with the largest current residual
+    norm (``criterion='residual'``, method.md §3) or weight norm (``'weight'``), residuals computed from
+    what was actually kept so far."""
+    if criterion not in ("residual", "weight"):
+        raise ConfigError(f"expansion criterion must be 'residual' or 'weight', got {criterion!r}")
+    w = weight.detach().float()
+    c_out = w.shape[0]
+    masks: list[Optional[torch.Tensor]] = [None]
+    residual = w - quantizer(w).dequantize()
+    wnorm = w.flatten(1).norm(dim=1)
+    for k in range(2, order + 1):
+        n = int(counts[k - 2]) if k - 2 < len(counts) else 0
+        score = residual.flatten(1).norm(dim=1) if criterion == "residual" else wnorm
+        mask = torch.zeros(c_out, dtype=torch.bool)
+        if n > 0:
+            mask[torch.topk(score, min(n, c_out)).indices] = True
+        masks.append(mask)
+        if mask.any():
+            target = residual * _rows(mask, residual)
+            residual = residual - quantizer(target).dequantize() * _rows(mask, residual)
+    return masks

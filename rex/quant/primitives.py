@@ -1,0 +1,141 @@
+"""Uniform quantization primitives: small pure functions, no modules, no state.
+
+Conventions (see docs/method.md §1):
+- a *signed symmetric* b-bit grid is the restricted range [-(2^(b-1)-1), 2^(b-1)-1], so b = 2 is ternary;
+- an *unsigned* b-bit grid is [0, 2^b - 1] (activations after ReLU);
+- an *asymmetric* b-bit grid is [0, 2^b - 1] with an integer zero point;
+- scales are per output channel (axis 0) or per tensor, broadcast back with ``_expand_to``;
+- a channel whose values are all zero gets scale 0 and quantizes to exactly 0 (no division by zero).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError, WeightError
+
+MIN_BITS, MAX_BITS = 2, 16
+
+RoundingFn = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def check_bits(bits: int, what: str = "bit-width") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (MIN_BITS <= bits <= MAX_BITS):
+        raise ConfigError(
+            f"{what} must be an integer in [{MIN_BITS}, {MAX_BITS}] (2 = ternary), got {bits!r}; "
+            f"use e.g. wbits=4 or abits=8 (32 means float and is only valid for activations left unquantized)"
+        )
+    return bits
+
+
+def check_finite(x: torch.Tensor, name: str = "tensor") -> None:
+    """Raise a WeightError naming the tensor when it holds NaN or Inf (rounding would silently corrupt it)."""
+    if not torch.isfinite(x).all():
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise WeightError(
+            f"{name} contains {n_nan} NaN and {n_inf} Inf values out of {x.numel()}; "
+            "quantization needs finite weights: check the checkpoint (a diverged training run or a corrupted file)"
+        )
+
+
+def qrange(bits: int, signed: bool = True, restricted: bool = True) -> tuple[int, int]:
+    """Integer range of a b-bit grid. Signed grids are restricted (symmetric) by default: b=2 -> {-1,0,1}."""
+    check_bits(bits)
+    if signed:
+        qmax = 2 ** (bits - 1) - 1
+        return (-qmax if restricted else -qmax - 1), qmax
+    return 0, 2**bits - 1
+
+
+def int_dtype(bits: int) -> torch.dtype:
+    """Smallest torch integer dtype holding a signed b-bit grid (storage, not compute)."""
+    return torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32
+
+
+def reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:
+    """Dimensions to reduce for per-channel (axis given) or per-tensor (axis None) statistics."""
+    if axis is None:
+        return tuple(range(x.dim()))
+    return tuple(d for d in range(x.dim()) if d != axis % x.dim())
+
+
+def _expand_to(v: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Broadcast a per-channel vector (or a scalar) along ``axis`` of ``x``."""
+    if axis is None or v.dim() == 0:
+        return v
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return v.reshape(shape)
+
+
+def absmax(x: torch.Tensor, axis: int | None = 0) -> torch.Tensor:
+    if x.numel() == 0:
+        raise WeightError("cannot quantize an empty tensor")
+    dims = reduce_dims(x, axis)
+    return x.abs().amax(dim=dims) if dims else x.abs()
+
+
+def symmetric_scale(x: torch.Tensor, bits: int, axis: int | None = 0) -> torch.Tensor:
+    """s = max|x| / qmax per channel (axis) or per tensor (axis=None); 0 for an all-zero channel."""
+    _, qmax = qrange(bits, signed=True)
+    return absmax(x, axis).to(torch.float32) / qmax
+
+
+def asymmetric_qparams(x: torch.Tensor, bits: int, axis: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max affine parameters on [0, 2^b-1]; the range always contains 0 so zero is exact."""
+    qmin, qmax = qrange(bits, signed=False)
+    dims = reduce_dims(x, axis)
+    lo = x.amin(dim=dims).clamp(max=0) if dims else x.clamp(max=0)
+    hi = x.amax(dim=dims).clamp(min=0) if dims else x.clamp(min=0)
+    scale = ((hi - lo) / (qmax - qmin)).to(torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.where(scale > 0, (qmin - torch.round(lo / safe)), torch.zeros_like(scale))
+    return scale, zero_point.clamp(qmin, qmax).to(torch.int32)
+
+
+def round_nearest(x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Round-to-nearest (ties to even) then clamp: the default rounding rule."""
+    return torch.clamp(torch.round(x), qmin, qmax)
+
+
+def quantize_affine(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    axis: int | None = 0,
+    rounding: RoundingFn = round_nearest,
+    out_dtype: torch.dtype = torch.int32,
+) -> torch.Tensor:
+    """q = clamp(round(x / s) + z). Channels with s = 0 map to q = z (exactly zero after dequantization)."""
+    s = _expand_to(scale, x, axis)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    scaled = torch.where(s > 0, x / safe, torch.zeros_like(x))
+    if zero_point is not None:
+        z = _expand_to(zero_point, x, axis).to(scaled.dtype)
+        q = rounding(scaled + z, qmin, qmax)
+    else:
+        q = rounding(scaled, qmin, qmax)
+    return q.to(out_dtype)
+
+
+def dequantize_affine(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None, axis: int | None = 0
+) -> torch.Tensor:
+    s = _expand_to(scale, q, axis)
+    qf = q.to(torch.float32)
+    if zero_point is not None:
+        qf = qf - _expand_to(zero_point, q, axis).to(torch.float32)
+    return qf * s
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+    """Per-tensor activation fake quantization (symmetric or unsigned, zero point 0)."""
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0:
+        scale = float(scale)
+    if scale == 0:
+        return torch.zeros_like(x)
+    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale

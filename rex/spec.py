@@ -1,0 +1,128 @@
+"""QuantSpec: everything that changes a number, validated once, recorded with every result."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import ConfigError
+from .quant import check_bits
+
+ALLOCATIONS = ("uniform", "greedy")
+GRANULARITIES = ("per_channel", "per_tensor")
+MODES = ("fake", "int")
+FIRST_LAST = ("8bit", "same", "fp")
+CRITERIA = ("residual", "weight")
+FLOAT_BITS = 32
+
+# Data-free activation range: max_c(beta_c + n |gamma_c|). Fewer bits -> clip harder (coarser grid), as
+# in the analytical-clipping literature (ACIQ's Gaussian optima grow from ~1.7 sigma at 2 bits to ~4 at 8);
+# per-tensor over many channels needs more headroom than a single Gaussian, hence the values below.
+DEFAULT_ACT_SIGMA = {2: 2.0, 3: 2.5, 4: 3.0, 5: 3.5, 6: 4.0, 7: 5.0}
+DEFAULT_ACT_SIGMA_HIGH = 6.0  # 8 bits and more
+
+
+def default_act_sigma(abits: Optional[int]) -> float:
+    if abits is None:
+        return DEFAULT_ACT_SIGMA_HIGH
+    return DEFAULT_ACT_SIGMA.get(abits, DEFAULT_ACT_SIGMA_HIGH)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A quantization configuration.
+
+    method       registry name (``rex.methods.list_methods()``): rex, rtn, dfq, squant, ocs, zeroq, ...
+    wbits        weight bit-width of each expansion term (2..16; 2 = ternary)
+    abits        activation bit-width (2..16) or None/32 for float activations
+    order        expansion order K (1 = plain quantization)
+    budget       None (dense expansion) or a BOPs ratio >= 1 relative to plain W_b/A_a, or absolute BOPs
+    allocation   'uniform' (same density in every layer, the paper's) or 'greedy' (error reduction per BOP)
+    granularity  weight scales 'per_channel' or 'per_tensor'
+    symmetric    symmetric weight grid (False: asymmetric with zero point)
+    mode         'fake' (one float conv per layer) or 'int' (integer-exact simulation)
+    first_last   '8bit': first/last layers W8A8, order 1; 'same': quantized like the rest; 'fp': left float
+    act_sigma    n in beta + n|gamma| for data-free activation ranges (None = by bit-width)
+    criterion    neuron selection for sparse orders: 'residual' norm or 'weight' norm
+    fold_bn      fold BatchNorm into the preceding conv before quantizing
+    seed         for methods that draw random numbers (ZeroQ)
+    options      method-specific settings (e.g. {'expand_ratio': 0.02} for OCS)
+    """
+
+    method: str = "rex"
+    wbits: int = 4
+    abits: Optional[int] = 8
+    order: int = 1
+    budget: Optional[float] = None
+    allocation: str = "uniform"
+    granularity: str = "per_channel"
+    symmetric: bool = True
+    mode: str = "fake"
+    first_last: str = "8bit"
+    act_sigma: Optional[float] = None
+    criterion: str = "residual"
+    fold_bn: bool = True
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .methods import method_names
+
+        if self.method not in method_names():
+            from .errors import UnknownNameError
+
+            raise UnknownNameError("method", self.method, method_names())
+        check_bits(self.wbits, "wbits (weight bit-width)")
+        abits = None if self.abits in (None, FLOAT_BITS) else self.abits
+        object.__setattr__(self, "abits", abits)
+        if abits is not None:
+            check_bits(abits, "abits (activation bit-width; use 32 or None for float activations)")
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
+            raise ConfigError(f"order K must be an integer >= 1 (1 = plain quantization), got {self.order!r}")
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget != self.budget:
+                raise ConfigError(f"budget must be a number >= 1 or None, got {self.budget!r}")
+            if self.budget < 1:
+                raise ConfigError(
+                    f"budget must be >= 1 (a BOPs ratio relative to the plain W{self.wbits} model, 1.5 = half an "
+                    f"extra order) or an absolute BOPs count, got {self.budget}"
+                )
+            if self.order < 2:
+                raise ConfigError(
+                    f"budget={self.budget} needs order >= 2 (the budget pays for orders 2..K); set order=2 or more, or drop budget"
+                )
+        for key, allowed in (("allocation", ALLOCATIONS), ("granularity", GRANULARITIES), ("mode", MODES),
+                             ("first_last", FIRST_LAST), ("criterion", CRITERIA)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.act_sigma is not None and not (self.act_sigma > 0):
+            raise ConfigError(f"act_sigma must be > 0, got {self.act_sigma!r}")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"options must be a mapping, got {type(self.options).__name__}")
+
+    @property
+    def sigma(self) -> float:
+        return self.act_sigma if self.act_sigma is not None else default_act_sigma(self.abits)
+
+    def replace(self, **kw) -> "QuantSpec":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["act_sigma_effective"] = self.sigma
+        return d
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def label(self) -> str:
+        """Self-describing short name: method=rex,w=4,a=8,K=2,budget=1.5"""
+        a = self.abits if self.abits is not None else 32
+        parts = [f"method={self.method}", f"w={self.wbits}", f"a={a}", f"K={self.order}"]
+        if self.budget is not None:
+            parts.append(f"budget={self.budget:g}")
+            if self.allocation != "uniform":
+                parts.append(f"alloc={self.allocation}")
+        return ",".join(parts)

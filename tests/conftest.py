@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2():
+    """The real torchvision MobileNetV2 with the bundled ImageNet weights."""
+    from rex.models import get_model
+
+    return get_model("mobilenet_v2").model.eval()
+
+
+@pytest.fixture(scope="session")
+def imagenet_batch():
+    """A few real preprocessed images of the bundled ImageNet sample."""
+    from rex.data import get_dataset
+    from rex.models import get_model
+
+    entry = get_model("mobilenet_v2").entry
+    ds = get_dataset("imagenet_sample", preprocess=entry.preprocess, limit=16)
+    return torch.stack([ds[i][0] for i in range(len(ds))])
