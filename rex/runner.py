@@ -1,14 +1,26 @@
 """One job: load model -> quantize -> evaluate -> numbers. Used by the CLI and by the pipeline.
 
-The FP32 reference (logits for classification) is computed once per (model, dataset, subset) and cached,
-so a grid of quantized configurations pays for the float model once.
+- ``classification_job``: top-1 / top-5 / agreement with FP32 / KL on a registered classification dataset.
+- ``detection_job``: COCO AP / AP50 / AP75 through ``rex.evaluate.detection`` (mmdet).
+- ``segmentation_job``: mIoU / aAcc through ``rex.evaluate.segmentation`` (mmseg).
+
+Every job returns a flat dict: model, task, bops, fp32_bops, plain_bops (BOPs of the same spec at order 1),
+quantization time, the metrics, the FP32 metrics (``fp32_<name>``), and where the weights and data came from
+(``weights_path``, ``weights_sha256``, ``dataset_path``, ``n``). ``spec=None`` evaluates the float model.
+
+The FP32 reference (logits for classification, metrics for detection / segmentation) is computed once per
+(model, weights, dataset, subset) and cached under ``rex.paths.cache_root()/fp32``, so a grid of quantized
+configurations pays for the float model once. The key includes the weights' sha256: a retrained model never
+reuses the logits of its predecessor.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -27,30 +39,78 @@ def input_range_from_preprocess(pre) -> Optional[tuple[float, float]]:
     return (float(lo), float(hi))
 
 
-def _fp_cache_path(model_name: str, dataset_name: str, limit, ds_len: int):
+def _file_sha256(path) -> Optional[str]:
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        from .models import sha256_file  # cached by (path, size, mtime)
+
+        return sha256_file(Path(path))
+    except ImportError:  # pragma: no cover
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+
+def _weights_info(entry, weights) -> dict:
+    path = Path(weights) if weights is not None else getattr(entry, "weights_path", None)
+    sha = _file_sha256(path) or getattr(entry, "weights_sha256", None)
+    return {"weights_path": str(path) if path is not None else None, "weights_sha256": sha}
+
+
+def _fp_cache_path(model_name: str, dataset_name: str, limit, ds_len: int, weights_sha: Optional[str] = None,
+                   suffix: str = ".pt"):
     from .paths import cache_root
 
-    key = hashlib.sha256(f"{model_name}|{dataset_name}|{limit}|{ds_len}".encode()).hexdigest()[:16]
-    return cache_root() / "fp32" / f"{model_name}-{dataset_name}-{key}.pt"
+    key = hashlib.sha256(f"{model_name}|{weights_sha}|{dataset_name}|{limit}|{ds_len}".encode()).hexdigest()[:16]
+    return cache_root() / "fp32" / f"{model_name}-{dataset_name}-{key}{suffix}"
 
 
-def fp32_reference(model, model_name, dataset, dataset_name, limit, batch_size, progress):
+def fp32_reference(model, model_name, dataset, dataset_name, limit, batch_size, progress, weights_sha=None,
+                   threads=None):
     from .evaluate.classification import evaluate
 
-    path = _fp_cache_path(model_name, dataset_name, limit, len(dataset))
+    path = _fp_cache_path(model_name, dataset_name, limit, len(dataset), weights_sha)
     if path.exists():
         try:
             blob = torch.load(path, weights_only=True)
             return blob["metrics"], blob["logits"]
         except Exception:
             path.unlink(missing_ok=True)  # a torn cache file is recomputed, never trusted
-    metrics = evaluate(model, dataset, batch_size=batch_size, progress=progress, return_logits=True)
+    metrics = evaluate(model, dataset, batch_size=batch_size, progress=progress, return_logits=True,
+                       threads=threads)
     logits = metrics.pop("logits")
+    metrics.pop("fp_logits", None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"metrics": metrics, "logits": logits}, tmp)
     os.replace(tmp, path)
     return metrics, logits
+
+
+def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range) -> torch.nn.Module:
+    """Quantize, and record BOPs, size, plain-order BOPs and the per-layer checks in ``out``."""
+    import rex
+
+    out["spec"] = spec.label()
+    t0 = time.perf_counter()
+    qmodel = rex.quantize(model, spec, example_input=ex, input_range=in_range)
+    out["quant_seconds"] = round(time.perf_counter() - t0, 4)
+    s = rex.summary(qmodel, ex)
+    out["bops"] = s["bops"]
+    out["size_mbit"] = round(s["size_bits"] / 1e6, 4)
+    plain = (rex.quantize(model, spec.replace(order=1, budget=None), example_input=ex, input_range=in_range)
+             if spec.order > 1 else None)
+    out["plain_bops"] = rex.bops(plain, ex) if plain is not None else s["bops"]
+    out["bops_ratio_vs_plain"] = round(out["bops"] / out["plain_bops"], 4)
+    rep = rex.report(qmodel)
+    out["max_err"] = max((r["max_err"] or 0.0) for r in rep)
+    out["bound_ok"] = all(r["bound_ok"] is not False for r in rep)
+    out["int32_safe"] = all(r["int32_safe"] for r in rep)
+    out["notes"] = qmodel.rex_info.notes
+    return qmodel
 
 
 def classification_job(
@@ -62,44 +122,38 @@ def classification_job(
     progress: bool = True,
     keep_model: bool = False,
     dataset_root=None,
+    weights=None,
+    threads: Optional[int] = None,
 ) -> dict:
     """Quantize a registered classification model and (when ``dataset`` is given) evaluate FP32 and
-    quantized. ``spec=None`` evaluates the float model only."""
+    quantized. ``spec=None`` evaluates the float model only. ``weights`` overrides the registry's checkpoint
+    (a path); ``threads`` sets torch's intra-op threads for the evaluation."""
     import rex
     from .models import example_input as make_example
     from .models import get_model
 
-    bundle = get_model(model_name)
+    bundle = get_model(model_name, weights=weights) if weights is not None else get_model(model_name)
     model, entry = bundle.model, bundle.entry
     ex = make_example(entry, batch=1)
     in_range = input_range_from_preprocess(entry.preprocess)
     out: dict = dict(model=model_name, task=entry.task)
+    out.update(_weights_info(entry, weights))
     out["fp32_bops"] = rex.bops(model, ex)
     qmodel = model
     if spec is not None:
-        out["spec"] = spec.label()
-        t0 = time.perf_counter()
-        qmodel = rex.quantize(model, spec, example_input=ex, input_range=in_range)
-        out["quant_seconds"] = round(time.perf_counter() - t0, 4)
-        s = rex.summary(qmodel, ex)
-        out["bops"] = s["bops"]
-        out["size_mbit"] = round(s["size_bits"] / 1e6, 4)
-        plain = rex.quantize(model, spec.replace(order=1, budget=None), example_input=ex, input_range=in_range) if spec.order > 1 else None
-        out["plain_bops"] = rex.bops(plain, ex) if plain is not None else s["bops"]
-        out["bops_ratio_vs_plain"] = round(out["bops"] / out["plain_bops"], 4)
-        rep = rex.report(qmodel)
-        out["max_err"] = max((r["max_err"] or 0.0) for r in rep)
-        out["bound_ok"] = all(r["bound_ok"] is not False for r in rep)
-        out["int32_safe"] = all(r["int32_safe"] for r in rep)
-        out["notes"] = qmodel.rex_info.notes
+        qmodel = _quantize_into(out, model, spec, ex, in_range)
     else:
-        out["bops"] = out["fp32_bops"]
+        out["bops"] = out["plain_bops"] = out["fp32_bops"]
     if dataset:
         from .data import get_dataset
         from .evaluate.classification import evaluate
 
         ds = get_dataset(dataset, root=dataset_root, preprocess=entry.preprocess, limit=limit)
-        fp_metrics, fp_logits = fp32_reference(model, model_name, ds, dataset, limit, batch_size, progress)
+        root = getattr(ds, "root", None) or dataset_root
+        out["dataset"] = dataset
+        out["dataset_path"] = str(root) if root is not None else None
+        fp_metrics, fp_logits = fp32_reference(model, model_name, ds, dataset, limit, batch_size, progress,
+                                               weights_sha=out.get("weights_sha256"), threads=threads)
         out["fp32_top1"] = fp_metrics["top1"]
         out["fp32_top5"] = fp_metrics["top5"]
         if spec is None:
@@ -107,9 +161,119 @@ def classification_job(
             out["agreement"], out["kl"] = 100.0, 0.0
             out["eval_seconds"] = fp_metrics.get("seconds")
         else:
-            m = evaluate(qmodel, ds, batch_size=batch_size, progress=progress, fp_logits=fp_logits)
+            m = evaluate(qmodel, ds, batch_size=batch_size, progress=progress, fp_logits=fp_logits, threads=threads)
             out.update({k: m[k] for k in ("top1", "top5", "agreement", "kl", "n") if k in m})
             out["eval_seconds"] = m.get("seconds")
     if keep_model:
         out["qmodel"] = qmodel
     return out
+
+
+# ------------------------------------------------------------------------- detection / segmentation
+
+def _dense_input_range(model_name: str, entry) -> tuple[float, float]:
+    """Range of the network input of the bundled detection / segmentation models.
+
+    FastestDet: BGR / 255 -> [0, 1]. ESPNet: (img_bgr - mean) / std / 255 with its per-dataset mean/std."""
+    extra = getattr(entry, "extra", {}) or {}
+    mean, std, scale = extra.get("mean"), extra.get("std"), None
+    if mean is None and model_name.startswith("espnet"):
+        from .models import espnet
+
+        city = "cityscapes" in model_name
+        mean = espnet.CITYSCAPES_MEAN_BGR if city else espnet.CAMVID_MEAN_BGR
+        std = espnet.CITYSCAPES_STD_BGR if city else espnet.CAMVID_STD_BGR
+        scale = 255.0
+    if mean is None or std is None:
+        return (0.0, 1.0)
+    scale = scale or 1.0
+    lo = min((0.0 - m) / s / scale for m, s in zip(mean, std))
+    hi = max((255.0 - m) / s / scale for m, s in zip(mean, std))
+    return (float(lo), float(hi))
+
+
+def _dense_job(task: str, evaluate: Callable, metric_keys: tuple, model_name: str, spec: Optional[QuantSpec],
+               limit=None, progress=True, dataset_root=None, weights=None, threads=None, keep_model=False,
+               evaluate_kw: Optional[dict] = None) -> dict:
+    import rex
+    from .models import get_model
+
+    bundle = get_model(model_name, weights=weights) if weights is not None else get_model(model_name)
+    model, entry = bundle.model, bundle.entry
+    if entry.task != task:
+        from .errors import ConfigError
+
+        raise ConfigError(f"model {model_name!r} is a {entry.task} model, not {task}")
+    h, w = entry.input_size
+    ex = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    in_range = _dense_input_range(model_name, entry)
+    out: dict = dict(model=model_name, task=task)
+    out.update(_weights_info(entry, weights))
+    out["fp32_bops"] = rex.bops(model, ex)
+    qmodel = model
+    if spec is not None:
+        qmodel = _quantize_into(out, model, spec, ex, in_range)
+    else:
+        out["bops"] = out["plain_bops"] = out["fp32_bops"]
+    kw = dict(data_root=dataset_root, max_images=limit, progress=progress, threads=threads, **(evaluate_kw or {}))
+    # FP32 metrics: cached per (model, weights, data root, limit)
+    from .paths import cache_root
+
+    key = hashlib.sha256(json.dumps([model_name, out.get("weights_sha256"), str(dataset_root), limit,
+                                     sorted((evaluate_kw or {}).items())], default=str).encode()).hexdigest()[:16]
+    cpath = cache_root() / "fp32" / f"{model_name}-{task}-{key}.json"
+    fp = None
+    if cpath.exists():
+        try:
+            fp = json.loads(cpath.read_text())
+        except ValueError:
+            cpath.unlink(missing_ok=True)
+    if fp is None or spec is None:
+        fp = evaluate(model, **kw)
+        fp = {k: v for k, v in fp.items() if isinstance(v, (int, float, str)) or v is None}
+        cpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cpath.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(fp))
+        os.replace(tmp, cpath)
+    for k in metric_keys:
+        if k in fp:
+            out[f"fp32_{k}"] = fp[k]
+    m = fp if spec is None else evaluate(qmodel, **kw)
+    out.update({k: m[k] for k in metric_keys if k in m})
+    out["n"] = m.get("n")
+    out["eval_seconds"] = m.get("seconds")
+    if dataset_root is None:
+        from .paths import data_root
+
+        sub = {"detection": "coco-val2017-first128", "segmentation": "camvid-test-sub4"}[task]
+        out["dataset_path"] = str(data_root() / sub)
+    else:
+        out["dataset_path"] = str(dataset_root)
+    if keep_model:
+        out["qmodel"] = qmodel
+    return out
+
+
+def detection_job(model_name: str, spec: Optional[QuantSpec], limit: Optional[int] = None, progress: bool = True,
+                  dataset_root=None, weights=None, threads: Optional[int] = None, keep_model: bool = False,
+                  **evaluate_kw) -> dict:
+    """Quantize a registered detection model (``fastestdet_coco``) and score it with mmdet's CocoMetric
+    (``rex.evaluate.detection.evaluate``): AP, AP50, AP75 (percent), plus the FP32 figures."""
+    from .evaluate.detection import evaluate
+
+    return _dense_job("detection", evaluate, ("AP", "AP50", "AP75", "APs", "APm", "APl"), model_name, spec,
+                      limit, progress, dataset_root, weights, threads, keep_model, evaluate_kw)
+
+
+def segmentation_job(model_name: str, spec: Optional[QuantSpec], limit: Optional[int] = None, progress: bool = True,
+                     dataset_root=None, weights=None, threads: Optional[int] = None, keep_model: bool = False,
+                     **evaluate_kw) -> dict:
+    """Quantize a registered segmentation model (``espnet_camvid``) and score it with mmseg's IoUMetric
+    (``rex.evaluate.segmentation.evaluate``): mIoU, aAcc, mAcc (percent), plus the FP32 figures."""
+    from .evaluate.segmentation import evaluate
+
+    return _dense_job("segmentation", evaluate, ("mIoU", "aAcc", "mAcc"), model_name, spec,
+                      limit, progress, dataset_root, weights, threads, keep_model, evaluate_kw)
+
+
+JOBS = {"classification": classification_job, "detection": detection_job, "segmentation": segmentation_job}

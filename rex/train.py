@@ -55,6 +55,7 @@ def _atomic_write_bytes(path: Path, write: Callable) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches are shared
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -195,8 +196,8 @@ def train(name: str, *, epochs: Optional[int] = None, seed: int = 0, out: Option
                 loss.backward()
                 opt.step()
                 step += 1
-                loss_sum += float(loss) * len(yb)
-                correct += int((logits.argmax(1) == yb).sum())
+                loss_sum += float(loss.detach()) * len(yb)
+                correct += int((logits.detach().argmax(1) == yb).sum())
                 seen += len(yb)
                 if show and bi % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")

@@ -28,10 +28,12 @@ def test_bound_holds_on_every_layer_of_real_mobilenet_v2(mobilenet_v2, bits):
     q = WeightQuantizer(bits)
     for name, w in layers:
         terms = expand_terms(w, q, 4)
+        # float32 arithmetic: allow a few ulps of the row's largest weight on top of the exact bound
+        ulps = 4 * torch.finfo(torch.float32).eps * w.flatten(1).abs().amax(1)
         for K in range(1, 5):
             err = (w - reconstruct(terms[:K])).flatten(1).abs().amax(1)
             bound = error_bound(w, bits, K)
-            assert (err <= bound * (1 + 1e-4) + 1e-12).all(), f"{name} b={bits} K={K}: {float((err - bound).max())}"
+            assert (err <= bound + ulps).all(), f"{name} b={bits} K={K}: {float((err - bound).max())}"
 
 
 def test_error_shrinks_by_about_2b_minus_2_per_order(mobilenet_v2):
@@ -101,9 +103,9 @@ def test_greedy_budget_met_from_below_and_prefers_large_gain():
     costs = _costs()
     costs[0].gains = torch.full((2, 10), 1.0)  # layer a: big error reduction
     costs[1].gains = torch.full((2, 30), 0.001)
-    counts = allocate_greedy(costs, 1.2, 3)
+    counts = allocate_greedy(costs, 1.3, 3)
     base = plain_bops(costs)
     spent = sum(c.term_bops / c.channels * sum(counts.get(c.name, [])) for c in costs)
-    assert base + spent <= 1.2 * base + 1e-6
-    assert counts["a"][0] == 10 and counts["a"][1] > 0
-    assert all(counts["b"][k] <= counts["b"][k - 1] for k in range(1, 2))
+    assert base + spent <= 1.3 * base + 1e-6
+    # extra = 0.3 * 160000 = 48000 BOPs; a channel of layer a costs 3200: 10 at order 2, 5 at order 3
+    assert counts == {"a": [10, 5], "b": [0, 0]}

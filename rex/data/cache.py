@@ -159,6 +159,7 @@ def atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches are shared
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

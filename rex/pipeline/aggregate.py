@@ -1,0 +1,133 @@
+"""Job folders -> ``summary.csv`` (long: one row per job and metric) and ``jobs.csv`` (one row per job).
+
+``summary.csv`` columns, exactly: ``task, model, method, wbits, abits, order, budget, bops, metric, value, status``
+
+- FP32 rows: method ``fp32``, wbits = abits = 32, order 1, empty budget.
+- Metrics: classification ``top1, top5, agreement, kl``; detection ``AP, AP50, AP75``; segmentation ``mIoU``.
+- A failed job gives one row per metric of its task with an empty value and status ``failed``.
+- The allocation is not a column: a non-uniform allocation is part of the method name (``rex-greedy``), so every
+  (task, model, method, wbits, abits, order, budget, metric) names one number.
+
+    python -m rex.pipeline.aggregate --summary results/summary.csv --jobs results/jobs.csv results/runs/*/*/*/done
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable
+
+from . import grid as gridlib
+
+SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status"]
+JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "label", "method", "base_method",
+               "allocation", "wbits", "abits", "order", "budget", "status", "bops", "plain_bops", "fp32_bops", "n",
+               "primary_metric", "primary_value", "fp32_primary", "first_last", "granularity", "symmetric", "mode",
+               "act_sigma", "config_hash", "wall_seconds", "peak_rss_mb", "error", "dir"]
+
+
+def method_name(method: str, allocation: str = "uniform") -> str:
+    return method if allocation in (None, "", "uniform") else f"{method}-{allocation}"
+
+
+def read_record(job_dir: Path) -> dict:
+    """The job's record; a folder without one (should not happen after `done`) reads as failed."""
+    job_dir = Path(job_dir)
+    for name in ("metrics.json", "FAILED.json"):
+        p = job_dir / name
+        if p.is_file():
+            rec = json.loads(p.read_text())
+            rec["dir"] = str(job_dir)
+            return rec
+    parsed = gridlib.parse_label(job_dir.name)
+    return {"status": "failed", "task": job_dir.parent.parent.name, "model": job_dir.parent.name,
+            "label": job_dir.name, **parsed, "dir": str(job_dir),
+            "error": {"type": "MissingRecord", "message": "no metrics.json / FAILED.json in the job folder"}}
+
+
+def _num(v):
+    return "" if v is None else v
+
+
+def job_row(rec: dict) -> dict:
+    task = rec.get("task")
+    parsed = {}
+    try:
+        parsed = gridlib.parse_label(rec.get("label") or Path(rec["dir"]).name)
+    except (KeyError, ValueError):
+        pass
+    get = lambda k: rec.get(k) if rec.get(k) is not None else parsed.get(k)  # noqa: E731
+    method = get("method")
+    alloc = get("allocation") or "uniform"
+    abits = get("abits")
+    abits = gridlib.FLOAT_BITS if abits in (None, gridlib.FLOAT_BITS) else abits
+    primary = gridlib.PRIMARY_METRIC.get(task)
+    proto = rec.get("protocol") or {}
+    err = rec.get("error") or {}
+    return {
+        "task": task, "model": rec.get("model"), "model_display": rec.get("model_display") or rec.get("model"),
+        "dataset": rec.get("dataset"), "dataset_display": rec.get("dataset_display") or rec.get("dataset"),
+        "label": rec.get("label"), "method": method_name(method, alloc), "base_method": method, "allocation": alloc,
+        "wbits": get("wbits"), "abits": abits, "order": get("order") or 1, "budget": _num(get("budget")),
+        "status": "ok" if rec.get("status") == "ok" else "failed",
+        "bops": _num(rec.get("bops")), "plain_bops": _num(rec.get("plain_bops")),
+        "fp32_bops": _num(rec.get("fp32_bops")), "n": _num(rec.get("n")),
+        "primary_metric": primary, "primary_value": _num((rec.get("metrics") or {}).get(primary)),
+        "fp32_primary": _num((rec.get("fp32") or {}).get(primary)),
+        "first_last": proto.get("first_last", ""), "granularity": proto.get("granularity", ""),
+        "symmetric": proto.get("symmetric", ""), "mode": proto.get("mode", ""),
+        "act_sigma": _num(proto.get("act_sigma")), "config_hash": rec.get("config_hash") or "",
+        "wall_seconds": _num(rec.get("wall_seconds")), "peak_rss_mb": _num(rec.get("peak_rss_mb")),
+        "error": f"{err.get('type')}: {err.get('message', '')}".replace("\n", " ")[:300] if err else "",
+        "dir": rec.get("dir"),
+    }
+
+
+def summary_rows(rec: dict) -> list:
+    j = job_row(rec)
+    rows = []
+    for metric in gridlib.METRICS.get(j["task"], ()):
+        value = (rec.get("metrics") or {}).get(metric) if j["status"] == "ok" else None
+        rows.append({"task": j["task"], "model": j["model"], "method": j["method"], "wbits": j["wbits"],
+                     "abits": j["abits"], "order": j["order"], "budget": j["budget"], "bops": j["bops"],
+                     "metric": metric, "value": _num(value), "status": j["status"]})
+    return rows
+
+
+def _write_csv(path: Path, columns: list, rows: Iterable[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    os.replace(tmp, path)
+
+
+def aggregate(job_dirs: Iterable[Path], summary: Path, jobs: Path) -> tuple[int, int]:
+    recs = [read_record(Path(d)) for d in job_dirs]
+    recs.sort(key=lambda r: (r.get("task") or "", r.get("model") or "", r.get("label") or ""))
+    srows = [row for r in recs for row in summary_rows(r)]
+    _write_csv(Path(summary), SUMMARY_COLUMNS, srows)
+    _write_csv(Path(jobs), JOB_COLUMNS, (job_row(r) for r in recs))
+    return len(recs), sum(1 for r in recs if r.get("status") != "ok")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rex.pipeline.aggregate", description=__doc__.splitlines()[0])
+    ap.add_argument("--summary", required=True)
+    ap.add_argument("--jobs", required=True)
+    ap.add_argument("dirs", nargs="*", help="job folders or their `done` markers")
+    a = ap.parse_args(argv)
+    dirs = [Path(p).parent if Path(p).name == "done" else Path(p) for p in a.dirs]
+    n, failed = aggregate(dirs, Path(a.summary), Path(a.jobs))
+    print(f"aggregated {n} jobs ({failed} failed) -> {a.summary}, {a.jobs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

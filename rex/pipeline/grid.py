@@ -1,0 +1,251 @@
+"""Expand a grid file (``conf/grid/*.yaml``, also the Snakemake config) into one record per job.
+
+Only the standard library and PyYAML: the Snakefile loads this file by path (``load_grid_module``), so
+building the DAG (``snakemake -n``) never imports torch or the library, and works without any data.
+
+A grid::
+
+    name: default
+    results_dir: results              # relative to the project root, or absolute
+    protocol: {first_last: 8bit, granularity: per_channel}   # -> protocol.* (the same for every job)
+    models:                           # one block per model; FP32 row added unless fp32: false
+      - {model: mobilenet_v2, dataset: imagenet_sample, limit: null}
+      - {model: resnet20_fmnist, dataset: fashion_mnist, limit: 2000, methods: [...]}   # own method list
+    methods:                          # default method blocks, expanded as a product
+      - {method: rtn, bits: [[8, 8], [4, 8]]}
+      - {method: rex, bits: [[4, 8]], orders: [2, 3], budgets: [null, 1.5], allocation: uniform}
+
+Sensible combinations only: a budget needs order >= 2 (``budgets`` entries are skipped for order 1, except
+``null`` = dense), duplicate labels collapse, and two different settings mapping to one label are an error.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+FLOAT_BITS = 32
+FP32_METHOD = "fp32"
+TASKS = ("classification", "detection", "segmentation")
+PRIMARY_METRIC = {"classification": "top1", "detection": "AP", "segmentation": "mIoU"}
+METRICS = {
+    "classification": ("top1", "top5", "agreement", "kl"),
+    "detection": ("AP", "AP50", "AP75"),
+    "segmentation": ("mIoU",),
+}
+# What a label looks like (used as the Snakemake wildcard constraint, and checked here).
+LABEL_RE = r"method=[A-Za-z0-9_]+,w=\d+,a=\d+,K=\d+(,budget=[0-9.e+]+(,alloc=[a-z_]+)?)?"
+NAME_RE = r"[A-Za-z0-9_.-]+"
+_PLAIN = re.compile(r"^[A-Za-z0-9_./+-]+$")
+
+
+class GridError(ValueError):
+    """The grid file asks for something that cannot be expanded (unknown model conf, label clash, ...)."""
+
+
+def label(method: str, wbits: int, abits: Optional[int], order: int = 1, budget: Optional[float] = None,
+          allocation: str = "uniform") -> str:
+    """The job's folder name; identical to ``rex.QuantSpec(...).label()`` (tested), and defined for FP32."""
+    a = FLOAT_BITS if abits in (None, FLOAT_BITS) else int(abits)
+    parts = [f"method={method}", f"w={int(wbits)}", f"a={a}", f"K={int(order)}"]
+    if budget is not None:
+        parts.append(f"budget={float(budget):g}")
+        if allocation != "uniform":
+            parts.append(f"alloc={allocation}")
+    return ",".join(parts)
+
+
+def fp32_label() -> str:
+    return label(FP32_METHOD, FLOAT_BITS, FLOAT_BITS, 1)
+
+
+def parse_label(text: str) -> dict:
+    """Inverse of :func:`label` (``method=rex,w=4,a=8,K=2,budget=1.5`` -> dict)."""
+    kv = dict(part.split("=", 1) for part in text.split(","))
+    return {
+        "method": kv["method"], "wbits": int(kv["w"]), "abits": int(kv["a"]), "order": int(kv["K"]),
+        "budget": float(kv["budget"]) if "budget" in kv else None, "allocation": kv.get("alloc", "uniform"),
+    }
+
+
+def hydra_value(v: Any) -> str:
+    """A value as Hydra override grammar reads it back unchanged."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    s = str(v)
+    if _PLAIN.match(s) and s not in ("null", "true", "false"):
+        return s
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def load_yaml(path: Path) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def group_conf(conf_dir: Path, group: str, name: str) -> dict:
+    path = Path(conf_dir) / group / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
+        raise GridError(f"no Hydra config {group}={name} ({path} does not exist); known: {', '.join(known)}")
+    return load_yaml(path)
+
+
+def _bits_pairs(bits: Iterable) -> list:
+    out = []
+    for pair in bits:
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            w, a = pair
+        elif isinstance(pair, dict):
+            w, a = pair.get("w", pair.get("wbits")), pair.get("a", pair.get("abits"))
+        else:
+            raise GridError(f"bits entries are [wbits, abits] pairs, got {pair!r}")
+        a = FLOAT_BITS if a in (None, FLOAT_BITS, "fp", "float") else int(a)
+        out.append((int(w), a))
+    return out
+
+
+def expand_methods(blocks: Iterable[dict]) -> list:
+    """Method blocks -> list of settings dicts (method, wbits, abits, order, budget, allocation, options)."""
+    settings = []
+    for block in blocks:
+        block = dict(block)
+        method = block.pop("method")
+        bits = _bits_pairs(block.pop("bits", [[4, 8]]))
+        orders = [int(k) for k in block.pop("orders", [1])]
+        budgets = list(block.pop("budgets", [None]))
+        allocation = block.pop("allocation", "uniform")
+        options = dict(block.pop("options", {}) or {})
+        if block:
+            raise GridError(f"method block for {method!r} has unknown keys {sorted(block)}")
+        for w, a in bits:
+            for k in orders:
+                for b in budgets:
+                    if b is not None and k < 2:
+                        continue  # a budget pays for orders >= 2 only
+                    settings.append(dict(method=method, wbits=w, abits=a, order=k,
+                                         budget=None if b is None else float(b),
+                                         allocation=allocation if b is not None else "uniform",
+                                         options=options))
+    return settings
+
+
+def results_dir(config: dict, project_root: Path) -> Path:
+    r = Path(str(config.get("results_dir") or "results")).expanduser()
+    return r if r.is_absolute() else Path(project_root) / r
+
+
+def relpath(p: Path, project_root: Path) -> str:
+    """Paths in the DAG relative to the project root (the Snakemake working directory) when inside it."""
+    p = Path(p)
+    try:
+        return str(p.resolve().relative_to(Path(project_root).resolve()))
+    except ValueError:
+        return str(p)
+
+
+def checkpoint_path(config: dict, project_root: Path, model: str) -> str:
+    base = config.get("models_dir")
+    d = Path(base) if base else results_dir(config, project_root) / "models"
+    if not d.is_absolute():
+        d = Path(project_root) / d
+    return relpath(d / model / "model.pt", project_root)
+
+
+def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) -> list:
+    """The grid -> list of job dicts (task, model, dataset, label, method, wbits, abits, order, budget,
+    allocation, limit, checkpoint, train_args, overrides, dir)."""
+    project_root = Path(project_root)
+    conf_dir = Path(conf_dir) if conf_dir else project_root / "conf"
+    rdir = results_dir(config, project_root)
+    protocol = dict(config.get("protocol") or {})
+    default_blocks = config.get("methods") or []
+    jobs, seen = [], {}
+    for mblock in config.get("models") or []:
+        mblock = dict(mblock)
+        model = mblock["model"]
+        mconf = group_conf(conf_dir, "model", model)
+        task = mconf.get("task", "classification")
+        if task not in TASKS:
+            raise GridError(f"conf/model/{model}.yaml: task must be one of {TASKS}, got {task!r}")
+        dataset = mblock.get("dataset") or mconf.get("dataset")
+        dconf = group_conf(conf_dir, "dataset", dataset)
+        root_key = dconf.get("root_config_key")
+        root = config.get(root_key) if root_key else None
+        limit = mblock.get("limit")
+        trained_here = bool(mconf.get("trained_here", False))
+        ckpt = checkpoint_path(config, project_root, model) if trained_here else None
+        common = [f"model={model}", f"dataset={dataset}", f"evaluation={task}",
+                  f"evaluation.limit={hydra_value(limit)}"]
+        if mblock.get("batch_size"):
+            common.append(f"evaluation.batch_size={int(mblock['batch_size'])}")
+        if root is not None:
+            common.append(f"dataset.root={hydra_value(str(root))}")
+        if ckpt:
+            common.append(f"model.weights={hydra_value(ckpt)}")
+        common += [f"protocol.{k}={hydra_value(v)}" for k, v in sorted(protocol.items())]
+        settings = []
+        if mblock.get("fp32", True):
+            settings.append(dict(method=FP32_METHOD, wbits=FLOAT_BITS, abits=FLOAT_BITS, order=1, budget=None,
+                                 allocation="uniform", options={}))
+        settings += expand_methods(mblock.get("methods", default_blocks))
+        for s in settings:
+            lab = label(s["method"], s["wbits"], s["abits"], s["order"], s["budget"], s["allocation"])
+            if not re.fullmatch(LABEL_RE, lab):
+                raise GridError(f"label {lab!r} does not match {LABEL_RE}")
+            key = (task, model, lab)
+            ov = [f"method={s['method']}"]
+            if s["method"] != FP32_METHOD:
+                ov += [f"method.wbits={s['wbits']}", f"method.abits={s['abits']}", f"method.order={s['order']}",
+                       f"method.budget={hydra_value(s['budget'])}", f"method.allocation={s['allocation']}"]
+                ov += [f"++method.options.{k}={hydra_value(v)}" for k, v in sorted(s["options"].items())]
+            overrides = common + ov
+            if key in seen:
+                if seen[key]["overrides"] != overrides:
+                    raise GridError(f"two different settings of {model} map to the same folder {lab!r}; "
+                                    "give them different methods/options or split the grid")
+                continue
+            job = dict(task=task, model=model, dataset=dataset, label=lab, method=s["method"], wbits=s["wbits"],
+                       abits=s["abits"], order=s["order"], budget=s["budget"], allocation=s["allocation"],
+                       limit=limit, checkpoint=ckpt, overrides=overrides,
+                       dir=relpath(rdir / "runs" / task / model / lab, project_root))
+            seen[key] = job
+            jobs.append(job)
+    return jobs
+
+
+def train_specs(config: dict, project_root: Path, conf_dir: Optional[Path] = None) -> dict:
+    """model -> {'checkpoint': path, 'args': [...]} for the models of the grid that are trained here."""
+    conf_dir = Path(conf_dir) if conf_dir else Path(project_root) / "conf"
+    out = {}
+    for mblock in config.get("models") or []:
+        model = mblock["model"]
+        mconf = group_conf(conf_dir, "model", model)
+        if mconf.get("trained_here"):
+            args = [str(a) for a in (mblock.get("train_args") or mconf.get("train_args") or [])]
+            if model in out and out[model]["args"] != args:
+                raise GridError(f"{model} is listed twice with different train_args")
+            out[model] = {"checkpoint": checkpoint_path(config, project_root, model), "args": args}
+    return out
+
+
+def quote_overrides(overrides: Iterable[str]) -> str:
+    return " ".join(shlex.quote(o) for o in overrides)
+
+
+def load_grid_module(path: str):
+    """Import this file by path (what the Snakefile does) without importing the ``rex`` package."""
+    spec = importlib.util.spec_from_file_location("rex_pipeline_grid", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("rex_pipeline_grid", mod)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,0 +1,214 @@
+"""Analytic (data-free) bias correction of DFQ (Nagel et al. 2019, §4.2).
+
+Quantizing W to W_q shifts the expected output of a layer by (W_q - W) E[x]; the correction subtracts it
+from the bias: b <- b - (W_q - W) E[x] (summed over the kernel positions: padding is ignored).
+
+E[x], per input channel, is computed without data: the folded BatchNorm statistics say that the output of
+a conv is per channel N(beta_c, gamma_c^2). These (mean, variance) pairs are propagated op by op through
+one eager forward pass (``expected_inputs``):
+
+- ReLU / ReLU6 / clamp of N(mu, sigma^2): mean and variance of the clipped normal, e.g. after ReLU
+  E = sigma phi(mu/sigma) + mu Phi(mu/sigma);
+- residual adds: means add, variances add (independence assumed); concatenation along channels;
+- average pooling, flatten, dropout, spatial mean: mean kept; scalar multiply scales;
+- a weight layer without BN statistics: E[out] = W E[in] + b (exact for the mean), variance
+  sum W^2 var_in (inputs taken as independent);
+- anything else: unknown (no correction downstream of it).
+
+The distribution after a clip is treated as Gaussian again by the next clip (the usual approximation).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..cost import _call
+from .equalize import _name, _tensors, apply_to_constant
+
+Stat = Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]  # (mean [C], var [C] or None)
+
+_KEEP_MEAN = {"dropout", "dropout2d", "avg_pool2d", "adaptive_avg_pool2d", "avg_pool1d", "contiguous", "clone",
+              "detach", "identity", "pad", "to", "float", "type_as"}
+
+
+def _phi(z: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+
+def _Phi(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+def clipped_normal_moments(mu: torch.Tensor, var: torch.Tensor, lo: Optional[float], hi: Optional[float]):
+    """Mean and variance of clamp(X, lo, hi) for X ~ N(mu, var) (lo/hi None = unbounded), elementwise."""
+    mu, var = mu.double(), var.double().clamp(min=0)
+    sd = var.sqrt().clamp(min=1e-12)
+    a = torch.full_like(mu, -math.inf) if lo is None else (lo - mu) / sd
+    b = torch.full_like(mu, math.inf) if hi is None else (hi - mu) / sd
+    pa, pb = _Phi(a), _Phi(b)
+    da = torch.where(torch.isfinite(a), _phi(a), torch.zeros_like(a))
+    db = torch.where(torch.isfinite(b), _phi(b), torch.zeros_like(b))
+    # E[X 1{a<Z<b}] and E[X^2 1{a<Z<b}] with Z the standardized X
+    m_in = mu * (pb - pa) + sd * (da - db)
+    az = torch.where(torch.isfinite(a), a * da, torch.zeros_like(a))
+    bz = torch.where(torch.isfinite(b), b * db, torch.zeros_like(b))
+    s2_in = (mu * mu + var) * (pb - pa) + 2 * mu * sd * (da - db) + var * (az - bz)
+    lo_t = 0.0 if lo is None else lo
+    hi_t = 0.0 if hi is None else hi
+    mean = m_in + lo_t * pa + hi_t * (1 - pb)
+    second = s2_in + lo_t * lo_t * pa + hi_t * hi_t * (1 - pb)
+    out_var = (second - mean * mean).clamp(min=0)
+    return mean.float(), out_var.float()
+
+
+class _Moments(TorchFunctionMode):
+    def __init__(self, weight_names: dict[int, str], modules: dict[str, nn.Module], output_stats: dict):
+        super().__init__()
+        self.weight_names = weight_names
+        self.modules = modules
+        self.output_stats = output_stats
+        self.st: dict[int, Stat] = {}
+        self.keep: list = []
+        self.expected: dict[str, Optional[torch.Tensor]] = {}
+
+    def get(self, t) -> Stat:
+        return self.st.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = list(_tensors(out))
+        if not outs:
+            return out
+        name = _name(func)
+        try:
+            res = self.rule(name, args, kwargs, outs[0])
+        except Exception:  # a moment rule must never break the pass
+            res = None
+        self.keep.extend(outs)
+        self.keep.extend(t for t in _tensors(args) if isinstance(t, torch.Tensor))
+        for t in outs:
+            self.st[id(t)] = res
+        return out
+
+    def rule(self, name, args, kwargs, out) -> Stat:
+        x = args[0] if args else None
+        sx = self.get(x)
+        if name in ("conv2d", "linear", "conv1d") and len(args) > 1:
+            layer = self.weight_names.get(id(args[1]))
+            if layer is not None and layer not in self.expected:
+                self.expected[layer] = None if sx is None else sx[0]
+            if layer is not None and layer in self.output_stats:
+                beta, gamma = self.output_stats[layer]
+                return beta.float(), gamma.float() ** 2
+            if sx is None or layer is None:
+                return None
+            m = self.modules[layer]
+            mean = apply_to_constant(m, sx[0].double()).float()
+            if m.bias is not None:
+                mean = mean + m.bias.detach().float()
+            var = None  # inputs taken as independent: var_out = sum W^2 var_in
+            if sx[1] is not None:
+                var = apply_to_constant(m, sx[1].double(), weight=m.weight.detach().double() ** 2).float()
+            return mean, var
+        if sx is None:
+            return None
+        mean, var = sx
+        if name == "relu":
+            return clipped_normal_moments(mean, var, 0.0, None) if var is not None else None
+        if name in ("hardtanh", "relu6", "clamp", "clip"):
+            if name == "relu6":
+                lo, hi = 0.0, 6.0
+            elif name == "hardtanh":
+                lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+                hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            else:
+                lo = args[1] if len(args) > 1 else kwargs.get("min")
+                hi = args[2] if len(args) > 2 else kwargs.get("max")
+            if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+                return None
+            return clipped_normal_moments(mean, var, lo, hi) if var is not None else None
+        if name in ("add", "__add__", "__radd__", "__iadd__"):
+            b = args[1] if len(args) > 1 else None
+            sb = self.get(b)
+            if sb is None:
+                if isinstance(b, (int, float)):
+                    return mean + b, var
+                return None
+            v = None if var is None or sb[1] is None else var + sb[1]
+            return mean + sb[0], v
+        if name in ("mul", "__mul__", "__rmul__") and len(args) > 1 and isinstance(args[1], (int, float)):
+            return mean * args[1], None if var is None else var * args[1] ** 2
+        if name in _KEEP_MEAN:
+            return mean, var
+        if name == "mean":
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            nd = x.dim()
+            dims = {d % nd for d in ([dim] if isinstance(dim, int) else list(dim or []))}
+            if dims and 0 not in dims and 1 not in dims:
+                return mean, var
+            return None
+        if name in ("flatten", "reshape", "view"):
+            if out.dim() >= 2 and x.dim() >= 2 and out.shape[0] == x.shape[0]:
+                c = mean.numel()
+                per = out.shape[1] // c if out.shape[1] % c == 0 else None
+                if per and out.shape[1] * math.prod(out.shape[2:]) == x[0].numel():
+                    rep = lambda v: None if v is None else v.repeat_interleave(per)  # noqa: E731
+                    return rep(mean), rep(var)
+            return None
+        if name in ("cat", "concat"):
+            ts = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if dim % ts[0].dim() != 1:
+                return None
+            ss = [self.get(t) for t in ts]
+            if any(s is None for s in ss):
+                return None
+            v = None if any(s[1] is None for s in ss) else torch.cat([s[1] for s in ss])
+            return torch.cat([s[0] for s in ss]), v
+        return None
+
+
+def expected_inputs(model: nn.Module, example_input, output_stats: dict) -> dict[str, Optional[torch.Tensor]]:
+    """E[x] per input channel of every Conv2d/Linear (None where it cannot be derived without data)."""
+    names, mods = {}, {}
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)):
+            names[id(m.weight)] = n
+            mods[n] = m
+    mode = _Moments(names, mods, output_stats)
+    with torch.no_grad(), mode:
+        _call(model, example_input)
+    return mode.expected
+
+
+def bias_shift(layer: nn.Module, delta_w: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
+    """(W_q - W) E[x] per output channel, summed over the kernel (``delta_w`` = W_q - W)."""
+    return apply_to_constant(layer, ex.double(), weight=delta_w.double()).float()
+
+
+def correct_biases(qmodel: nn.Module, float_weights: dict[str, torch.Tensor], expected: dict) -> dict[str, float]:
+    """In place on a quantized model: b <- b - (W_q - W) E[x] for every QuantLayer with a known E[x].
+    ``float_weights[name]`` is the float weight the layer was quantized from. Returns {name: max |shift|}."""
+    from ..nn.layers import QuantLayer
+
+    done = {}
+    for name, m in qmodel.named_modules():
+        if not isinstance(m, QuantLayer) or name not in float_weights:
+            continue
+        ex = expected.get(name)
+        if ex is None:
+            continue
+        inner = m.inner
+        delta = m.dequantized_weight() - float_weights[name].to(m.dequantized_weight().dtype)
+        shift = bias_shift(inner, delta, ex)
+        if inner.bias is None:
+            inner.bias = nn.Parameter(torch.zeros(inner.weight.shape[0], dtype=inner.weight.dtype), requires_grad=False)
+        inner.bias.data = inner.bias.detach() - shift.to(inner.bias.dtype)
+        done[name] = float(shift.abs().max())
+    return done

@@ -1,0 +1,397 @@
+"""DFQ weight transforms (Nagel et al., ICCV 2019), on a BN-folded eager model:
+
+- ``find_pairs``: consecutive weight-layer pairs L1 -> L2 whose connecting path is positively homogeneous
+  per channel (ReLU, ReLU6 to be replaced by ReLU, zero padding, max/avg pooling, flatten, dropout, spatial
+  mean) and read by nobody else, found by one eager traced forward pass (``dataflow``), so residual adds,
+  concatenations and shared layers are excluded automatically.
+- ``relu6_to_relu``: the ReLU6 modules on those paths become ReLU (ReLU6 is not scale-equivariant).
+- ``equalize``: cross-layer equalization. For a pair, r1_i = range of output channel i of L1, r2_i = range
+  of input channel i of L2, s_i = sqrt(r1_i r2_i) / r1_i; L1's row i and bias are multiplied by s_i, L2's
+  input channel i divided by s_i, so both ranges become sqrt(r1_i r2_i) and relu(s z) = s relu(z) keeps the
+  function. Depthwise / grouped L2: input channel i lives in group i // (C_in/groups), column i % (C_in/groups);
+  a depthwise layer in the middle of a chain is both an L2 (its rows scaled) and an L1 (its rows rescaled):
+  the pairs are swept in order until every scale is 1 within ``tol``.
+- ``absorb_high_bias``: c_i = max(0, beta_i - 3 gamma_i) from the (scaled) folded-BN statistics of L1's
+  output is removed from L1's bias and added to L2's bias through L2's weights (exact when the
+  pre-activation stays above c, i.e. for ~99.9% of a Gaussian; exact for a linear path). L2 with zero
+  padding is skipped unless ``absorb_padded`` (the padded border would see -c).
+
+The BN statistics ``stats[name] = (beta, gamma)`` (data-free activation ranges) are updated with every
+scaling and shift, so the ranges of the quantized model follow the transformed layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..cost import _call
+from .modules import get_module, set_module
+
+# ops through which a per-channel positive scale passes unchanged (relu(s x) = s relu(x), ...)
+HOMOGENEOUS = {"relu", "dropout", "max_pool2d", "max_pool1d", "adaptive_max_pool2d", "avg_pool2d", "avg_pool1d",
+               "adaptive_avg_pool2d", "flatten", "contiguous", "clone", "pad", "mean", "identity", "detach",
+               "dropout2d", "feature_alpha_dropout", "alpha_dropout"}
+# of those, the ops that also commute with a per-channel shift (needed for high-bias absorption)
+SHIFT_COMMUTING = {"relu", "dropout", "max_pool2d", "max_pool1d", "adaptive_max_pool2d", "adaptive_avg_pool2d",
+                   "flatten", "contiguous", "clone", "mean", "identity", "detach", "dropout2d"}
+WEIGHT_OPS = {"conv2d", "linear", "conv1d"}
+
+
+def _name(func) -> str:
+    n = getattr(func, "__name__", None) or str(func)
+    return n.rstrip("_") if n.endswith("_") and not n.startswith("__") else n
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+@dataclass
+class Node:
+    idx: int
+    op: str
+    args: tuple
+    kwargs: dict
+    inputs: list  # producer node ids of the tensor inputs (None: graph input or parameter)
+    layer: Optional[str] = None  # weight-layer name for conv/linear ops
+    module: Optional[str] = None  # name of the activation module whose forward produced this node
+    consumers: list = field(default_factory=list)
+    out_shape: tuple = ()
+
+
+class _Graph(TorchFunctionMode):
+    """Records every torch function call as a node; in-place ops make a new node for the same tensor."""
+
+    def __init__(self, weight_ids: dict[int, str], param_ids: set):
+        super().__init__()
+        self.weight_ids = weight_ids
+        self.weight_ids_all = param_ids
+        self.nodes: list[Node] = []
+        self.producer: dict[int, int] = {}
+        self.keep: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = [t for t in _tensors(out)]
+        if not outs:
+            return out
+        op = _name(func)
+        ins = [t for t in list(_tensors(args)) + list(_tensors(kwargs)) if id(t) not in self.weight_ids_all]
+        node = Node(len(self.nodes), op, args, kwargs, [self.producer.get(id(t)) for t in ins])
+        if op in WEIGHT_OPS and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            node.layer = self.weight_ids.get(id(args[1]))
+        node.out_shape = tuple(outs[0].shape)
+        for p in node.inputs:
+            if p is not None:
+                self.nodes[p].consumers.append(node.idx)
+        self.nodes.append(node)
+        for t in outs:
+            self.producer[id(t)] = node.idx
+        self.keep.extend(ins)
+        self.keep.extend(outs)
+        return out
+
+
+@dataclass
+class Pair:
+    first: str  # L1
+    second: str  # L2
+    path: list  # op names between them
+    relu6_modules: list  # ReLU6/Hardtanh modules on the path (to become ReLU)
+    shift_ok: bool  # every op on the path commutes with a per-channel shift
+    has_relu: bool
+
+
+@dataclass
+class Dataflow:
+    nodes: list
+    layer_nodes: dict  # name -> [node ids]
+
+
+def dataflow(model: nn.Module, example_input) -> Dataflow:
+    """One eager forward pass recording the op graph (tensor producer -> consumers)."""
+    weight_ids = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)):
+            weight_ids[id(m.weight)] = name
+    g = _Graph(weight_ids, {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()})
+    handles = []
+
+    def act_hook(name):
+        def fn(module, args, out):
+            if isinstance(out, torch.Tensor) and id(out) in g.producer:
+                g.nodes[g.producer[id(out)]].module = name
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.ReLU6, nn.Hardtanh, nn.ReLU)):
+            handles.append(m.register_forward_hook(act_hook(name)))
+    try:
+        with torch.no_grad(), g:
+            out = _call(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    for t in _tensors(out):  # the model output counts as one more reader
+        if id(t) in g.producer:
+            g.nodes[g.producer[id(t)]].consumers.append(-1)
+    layer_nodes: dict = {}
+    for n in g.nodes:
+        if n.layer is not None:
+            layer_nodes.setdefault(n.layer, []).append(n.idx)
+    return Dataflow(g.nodes, layer_nodes)
+
+
+def _hardtanh_bounds(node: Node):
+    if node.op in ("relu6",):
+        return 0.0, 6.0
+    a = node.args
+    lo = a[1] if len(a) > 1 else node.kwargs.get("min_val", -1.0)
+    hi = a[2] if len(a) > 2 else node.kwargs.get("max_val", 1.0)
+    return lo, hi
+
+
+def _channel_dims_ok(node: Node) -> bool:
+    """Ops that keep dim 1 as the channel dim (flatten from 1, spatial mean, ...)."""
+    if node.op == "flatten":
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        return start == 1
+    if node.op == "mean":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dim is None or not node.args or not isinstance(node.args[0], torch.Tensor):
+            return False
+        nd = node.args[0].dim()
+        dims = {d % nd for d in ([dim] if isinstance(dim, int) else list(dim))}
+        return 0 not in dims and 1 not in dims
+    if node.op == "pad":
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        return mode == "constant" and not value and len(pad) <= 4  # spatial zero padding only
+    return True
+
+
+def find_pairs(model: nn.Module, example_input, allow_relu6: bool = True) -> list[Pair]:
+    """Equalizable pairs (L1, L2): L1's output reaches only L2's input through homogeneous ops."""
+    df = dataflow(model, example_input)
+    pairs = []
+    for name, ids in df.layer_nodes.items():
+        if len(ids) != 1:
+            continue  # a layer run twice cannot be rescaled for one use
+        cur = df.nodes[ids[0]]
+        path, relu6, shift_ok, has_relu = [], [], True, False
+        while True:
+            if len(cur.consumers) != 1 or cur.consumers[0] < 0:
+                break
+            nxt = df.nodes[cur.consumers[0]]
+            if nxt.layer is not None:
+                if nxt.inputs and nxt.inputs[0] == cur.idx and len(df.layer_nodes.get(nxt.layer, [])) == 1 \
+                        and len([i for i in nxt.inputs if i == cur.idx]) == 1:
+                    pairs.append(Pair(name, nxt.layer, path, relu6, shift_ok, has_relu))
+                break
+            if len([i for i in nxt.inputs if i is not None]) != 1:
+                break  # an add, a concat, a multiply: several tensors meet
+            if nxt.op in ("hardtanh", "relu6"):
+                lo, hi = _hardtanh_bounds(nxt)
+                if lo != 0 or not allow_relu6 or nxt.module is None:
+                    break  # functional clamp: cannot be swapped for a ReLU
+                relu6.append(nxt.module)
+                has_relu = True
+            elif nxt.op == "relu" or (nxt.op in ("clamp", "clip") and _is_relu_clamp(nxt)):
+                has_relu = True
+            elif nxt.op in HOMOGENEOUS and _channel_dims_ok(nxt):
+                if nxt.op not in SHIFT_COMMUTING:
+                    shift_ok = False
+                if nxt.op == "avg_pool2d":
+                    shift_ok = False
+            else:
+                break
+            path.append(nxt.op)
+            cur = nxt
+    return [p for p in pairs if _shapes_match(model, p)]
+
+
+def _is_relu_clamp(node: Node) -> bool:
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    return lo == 0 and hi is None
+
+
+def _shapes_match(model, p: Pair) -> bool:
+    l1, l2 = get_module(model, p.first), get_module(model, p.second)
+    c1 = l1.weight.shape[0]
+    cin2 = l2.in_features if isinstance(l2, nn.Linear) else l2.in_channels
+    return c1 == cin2
+
+
+def relu6_to_relu(model: nn.Module, pairs: list[Pair]) -> list[str]:
+    """Replace the ReLU6 / Hardtanh(0, x) modules on equalization paths by ReLU (in place)."""
+    done = []
+    for p in pairs:
+        for name in p.relu6_modules:
+            m = get_module(model, name)
+            if isinstance(m, (nn.ReLU6, nn.Hardtanh)):
+                set_module(model, name, nn.ReLU(inplace=getattr(m, "inplace", False)))
+                done.append(name)
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# per-channel ranges and scaling
+# --------------------------------------------------------------------------------------------------
+
+
+def out_channel_range(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.detach().flatten(1).abs().amax(1)
+
+
+def _in_view(layer: nn.Module) -> tuple[torch.Tensor, tuple]:
+    """L2's weight as [groups, out_per_group, in_per_group, rest] and the shape to broadcast a per-input vector."""
+    w = layer.weight.detach()
+    if isinstance(layer, nn.Linear):
+        return w.reshape(1, w.shape[0], w.shape[1], 1), (1, 1, w.shape[1], 1)
+    g = layer.groups
+    cpg = w.shape[1]
+    return w.reshape(g, w.shape[0] // g, cpg, -1), (g, 1, cpg, 1)
+
+
+def in_channel_range(layer: nn.Module) -> torch.Tensor:
+    wv, _ = _in_view(layer)
+    return wv.abs().amax(dim=(1, 3)).reshape(-1)  # [groups * in_per_group] = C_in
+
+
+def scale_out_channels(layer: nn.Module, s: torch.Tensor) -> None:
+    w = layer.weight.detach()
+    layer.weight.data = w * s.to(w.dtype).reshape([-1] + [1] * (w.dim() - 1))
+    if layer.bias is not None:
+        layer.bias.data = layer.bias.detach() * s.to(w.dtype)
+
+
+def scale_in_channels(layer: nn.Module, s: torch.Tensor) -> None:
+    """Multiply input channel i of ``layer`` by s_i (every weight reading it)."""
+    wv, shp = _in_view(layer)
+    layer.weight.data = (wv * s.to(wv.dtype).reshape(shp)).reshape(layer.weight.shape)
+
+
+def apply_to_constant(layer: nn.Module, v: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sum over (input channel, kernel) of W[o, i, ...] * v_i for every output o (ignores padding):
+    the output of ``layer`` (without bias) on an input that is v_i everywhere in channel i."""
+    w = layer.weight.detach() if weight is None else weight
+    v = v.to(w.dtype)
+    if isinstance(layer, nn.Linear):
+        return w @ v
+    wv = w.reshape(layer.groups, w.shape[0] // layer.groups, w.shape[1], -1)  # [g, opg, cpg, k]
+    vv = v.reshape(layer.groups, 1, w.shape[1], 1)
+    return (wv * vv).sum(dim=(2, 3)).reshape(-1)
+
+
+def _shift_exact(layer: nn.Module) -> bool:
+    """A constant input shift maps to a constant output shift: no zero padding at the borders."""
+    if isinstance(layer, nn.Linear):
+        return True
+    if not isinstance(layer, nn.Conv2d) or type(layer).forward is not nn.Conv2d.forward:
+        return False  # a subclass may pad inside its forward
+    pad = layer.padding
+    return pad == "valid" or (not isinstance(pad, str) and not any(pad))
+
+
+def _ensure_bias(layer: nn.Module) -> None:
+    if layer.bias is None:
+        c = layer.weight.shape[0]
+        layer.bias = nn.Parameter(torch.zeros(c, dtype=layer.weight.dtype), requires_grad=False)
+
+
+@dataclass
+class EqualizeResult:
+    iterations: int
+    max_log_scale: float  # |log s| of the last sweep
+    pairs: list
+
+
+def equalize(model: nn.Module, pairs: list[Pair], stats: Optional[dict] = None, max_iter: int = 100,
+             tol: float = 1e-4, eps: float = 1e-12) -> EqualizeResult:
+    """Cross-layer equalization in place (float64 arithmetic), sweeping the pairs until every s_i ~ 1."""
+    stats = stats if stats is not None else {}
+    dtypes = {}
+    for p in pairs:
+        for n in (p.first, p.second):
+            m = get_module(model, n)
+            if n not in dtypes:
+                dtypes[n] = m.weight.dtype
+                m.weight.data = m.weight.detach().double()
+                if m.bias is not None:
+                    m.bias.data = m.bias.detach().double()
+    it, worst = 0, 0.0
+    try:
+        for it in range(1, max_iter + 1):
+            worst = 0.0
+            for p in pairs:
+                l1, l2 = get_module(model, p.first), get_module(model, p.second)
+                r1, r2 = out_channel_range(l1), in_channel_range(l2)
+                ok = (r1 > eps) & (r2 > eps)
+                s = torch.where(ok, torch.sqrt(r1 * r2) / torch.where(ok, r1, torch.ones_like(r1)), torch.ones_like(r1))
+                scale_out_channels(l1, s)
+                scale_in_channels(l2, 1.0 / s)
+                if p.first in stats:
+                    beta, gamma = stats[p.first]
+                    stats[p.first] = (beta * s.to(beta.dtype), gamma * s.to(gamma.dtype))
+                worst = max(worst, float(s.log().abs().max()))
+            if worst < tol:
+                break
+    finally:
+        for n, dt in dtypes.items():
+            m = get_module(model, n)
+            m.weight.data = m.weight.detach().to(dt)
+            if m.bias is not None:
+                m.bias.data = m.bias.detach().to(dt)
+    return EqualizeResult(it, worst, pairs)
+
+
+def absorb_high_bias(model: nn.Module, pairs: list[Pair], stats: dict, n_sigma: float = 3.0,
+                     absorb_padded: bool = False) -> dict[str, float]:
+    """High-bias absorption in place; returns {L1 name: max c} for the pairs treated."""
+    done = {}
+    for p in pairs:
+        if p.first not in stats or not p.shift_ok:
+            continue
+        l2 = get_module(model, p.second)
+        if not absorb_padded and not _shift_exact(l2):
+            continue
+        l1 = get_module(model, p.first)
+        beta, gamma = stats[p.first]
+        c = torch.clamp(beta - n_sigma * gamma.abs(), min=0.0)
+        if not bool((c > 0).any()):
+            continue
+        _ensure_bias(l1)
+        _ensure_bias(l2)
+        l2.bias.data = l2.bias.detach() + apply_to_constant(l2, c.double()).to(l2.bias.dtype)
+        l1.bias.data = l1.bias.detach() - c.to(l1.bias.dtype)
+        stats[p.first] = (beta - c, gamma)
+        done[p.first] = float(c.max())
+    return done
+
+
+def cross_layer_equalization(model: nn.Module, example_input, stats: Optional[dict] = None, *, relu6: bool = True,
+                             absorb: bool = True, absorb_padded: bool = False, max_iter: int = 100,
+                             tol: float = 1e-4) -> dict:
+    """ReLU6 -> ReLU on the pair paths, equalize, absorb high biases (in place). Returns a summary."""
+    stats = stats if stats is not None else {}
+    pairs = find_pairs(model, example_input, allow_relu6=relu6)
+    replaced = relu6_to_relu(model, pairs) if relu6 else []
+    eq = equalize(model, pairs, stats, max_iter=max_iter, tol=tol)
+    absorbed = absorb_high_bias(model, pairs, stats, absorb_padded=absorb_padded) if absorb else {}
+    return dict(pairs=[(p.first, p.second) for p in pairs], relu6_replaced=replaced, iterations=eq.iterations,
+                max_log_scale=eq.max_log_scale, absorbed=absorbed)

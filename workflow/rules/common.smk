@@ -1,0 +1,82 @@
+# Grid expansion and helpers shared by the rules. The grid logic is rex/pipeline/grid.py, loaded by path so
+# that building the DAG never imports torch or needs any data.
+import os
+import sys
+from pathlib import Path
+
+
+PROJECT = Path(workflow.basedir)
+
+def _load_grid_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rex_pipeline_grid", PROJECT / "rex" / "pipeline" / "grid.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+grid = _load_grid_module()
+
+R = grid.relpath(grid.results_dir(config, PROJECT), PROJECT)  # results folder (relative when inside the project)
+PY = config.get("python") or sys.executable  # the interpreter running Snakemake (the project's venv)
+JOBS = grid.expand(config, PROJECT)
+JOB_BY_DIR = {j["dir"]: j for j in JOBS}
+TRAIN = grid.train_specs(config, PROJECT)
+PAIRS = sorted({(j["task"], j["model"]) for j in JOBS})
+TRACKING_URI = config.get("tracking_uri") or f"sqlite:///{R}/mlflow.db"
+MLFLOW = bool(config.get("mlflow", True))
+RES = config.get("resources") or {}
+# Read by rex.pipeline.job (kept out of params so that they never trigger re-runs).
+os.environ["REX_GRID"] = str(config.get("name", "custom"))
+os.environ["REX_TRACKING_URI"] = TRACKING_URI if MLFLOW else "none"
+
+
+wildcard_constraints:
+    task="|".join(grid.TASKS),
+    model=grid.NAME_RE,
+    label=grid.LABEL_RE,
+
+
+def job_of(wildcards):
+    return JOB_BY_DIR[f"{R}/runs/{wildcards.task}/{wildcards.model}/{wildcards.label}"]
+
+
+def job_inputs(wildcards):
+    """A trained model's checkpoint; and the FP32 job of the same model first (it fills the FP32 cache)."""
+    job = job_of(wildcards)
+    deps = {}
+    if job["checkpoint"]:
+        deps["checkpoint"] = job["checkpoint"]
+    if job["method"] != grid.FP32_METHOD:
+        fp = f"{R}/runs/{job['task']}/{job['model']}/{grid.fp32_label()}"
+        if fp in JOB_BY_DIR:
+            deps["fp32"] = f"{fp}/done"
+    return deps
+
+
+def job_resource(name, default):
+    def get(wildcards, attempt=1):
+        task = wildcards.task
+        return int((RES.get(task) or {}).get(name, default) * (attempt if name != "cpus_per_task" else 1))
+
+    return get
+
+
+def done_markers():
+    return [f"{j['dir']}/done" for j in JOBS]
+
+
+def table_files():
+    return [f"{R}/tables/{t}_{m}.{ext}" for t, m in PAIRS for ext in ("md", "csv", "tex")]
+
+
+def plot_files():
+    return [f"{R}/plots/{t}_{m}.png" for t, m in PAIRS]
+
+
+def all_outputs():
+    out = [f"{R}/summary.csv", f"{R}/jobs.csv", f"{R}/report.md"] + table_files() + plot_files()
+    if MLFLOW:
+        out.append(f"{R}/mlflow_sync.json")
+    return out

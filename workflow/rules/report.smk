@@ -1,0 +1,59 @@
+# summary.csv -> tables (md, csv, tex) and accuracy-vs-BOPs plots per (task, model), and results/report.md.
+
+
+rule table:
+    input:
+        summary=f"{R}/summary.csv",
+        jobs=f"{R}/jobs.csv",
+    output:
+        md=f"{R}/tables/{{task}}_{{model}}.md",
+        csv=f"{R}/tables/{{task}}_{{model}}.csv",
+        tex=f"{R}/tables/{{task}}_{{model}}.tex",
+    log:
+        f"{R}/logs/tables/{{task}}_{{model}}.log",
+    params:
+        prefix=lambda wildcards, output: os.path.splitext(output.md)[0],
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "{PY} -m rex.pipeline.report table --summary {input.summary:q} --jobs {input.jobs:q} "
+        "--task {wildcards.task} --model {wildcards.model} --out-prefix {params.prefix:q} > {log:q} 2>&1"
+
+
+rule plot:
+    input:
+        summary=f"{R}/summary.csv",
+        jobs=f"{R}/jobs.csv",
+    output:
+        f"{R}/plots/{{task}}_{{model}}.png",
+    log:
+        f"{R}/logs/plots/{{task}}_{{model}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "{PY} -m rex.pipeline.report plot --summary {input.summary:q} --jobs {input.jobs:q} "
+        "--task {wildcards.task} --model {wildcards.model} --out {output:q} > {log:q} 2>&1"
+
+
+rule report:
+    input:
+        summary=f"{R}/summary.csv",
+        jobs=f"{R}/jobs.csv",
+        tables=table_files(),
+        plots=plot_files(),
+    output:
+        f"{R}/report.md",
+    log:
+        f"{R}/logs/report.log",
+    params:
+        grid_name=config.get("name", "custom"),
+        uri=TRACKING_URI if MLFLOW else "",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "{PY} -m rex.pipeline.report page --summary {input.summary:q} --jobs {input.jobs:q} --out {output:q} "
+        "--grid {params.grid_name:q} --tracking-uri {params.uri:q} --tables {input.tables:q} "
+        "--plots {input.plots:q} > {log:q} 2>&1"

@@ -1,0 +1,26 @@
+# Models trained here (Fashion-MNIST): <results>/models/<model>/{model.pt, metrics.json}, passed to the jobs as
+# model.weights=<path>. workflow/scripts/train_model.py runs `python -m rex.train --out ...`, or copies an
+# identical checkpoint (same recipe, verified sha256) from rex.paths.cache_root()/models/<model>/ when
+# `reuse_cached_models` is true.
+
+
+rule train_model:
+    output:
+        checkpoint=f"{R}/models/{{model}}/model.pt",
+        metrics=f"{R}/models/{{model}}/metrics.json",
+    log:
+        f"{R}/logs/train/{{model}}.log",
+    params:
+        out=lambda wildcards, output: os.path.dirname(output.checkpoint),
+        args=lambda wildcards: " ".join(TRAIN[wildcards.model]["args"]),
+        reuse="--reuse-cache" if config.get("reuse_cached_models", True) else "",
+    wildcard_constraints:
+        model="|".join(TRAIN) or "no-model-is-trained-here",
+    threads: config.get("train_threads", 2)
+    resources:
+        mem_mb=4000,
+        runtime=180,
+        cpus_per_task=lambda wildcards, threads: threads,
+    shell:
+        "{PY} workflow/scripts/train_model.py --model {wildcards.model} --out {params.out:q} "
+        "--threads {threads} {params.reuse} -- {params.args} > {log:q} 2>&1"
