@@ -190,6 +190,7 @@ def quantize_model(
         layer.bound_max = float(bound.max())
         layer.bound_ok = bool((err <= bound * (1 + 1e-5) + 1e-12).all()) if spec.symmetric else None
         layer.role = p.role
+        layer.out_range = tr.output_range.get(p.name)
         set_module(m, p.name, layer)
     info.plans = plans
     info.seconds = time.perf_counter() - t0

@@ -181,6 +181,7 @@ class TraceResult:
     input_range: dict[str, Interval] = field(default_factory=dict)  # per weight layer, range of its input
     input_shape: dict[str, tuple] = field(default_factory=dict)
     output_shape: dict[str, tuple] = field(default_factory=dict)
+    output_range: dict[str, Interval] = field(default_factory=dict)  # per weight layer, range of its output
     conv_bn: list[tuple[str, str]] = field(default_factory=list)  # (conv, bn) foldable pairs
     calls: dict[str, int] = field(default_factory=dict)
 
@@ -226,6 +227,7 @@ def trace(
                 if name in output_stats:
                     mean, std = output_stats[name]
                     tracer.set(out, bn_interval(mean, std, sigma))
+                res.output_range.setdefault(name, tracer.get(out))
         return fn
 
     def bn_pre(name):

@@ -45,7 +45,10 @@ def distill(model: nn.Module, input_shape: tuple, batch: int = 8, steps: int = 2
     t0 = time.perf_counter()
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
     if not bns:
-        raise ValueError("ZeroQ needs BatchNorm layers (their running statistics are the distillation target)")
+        from .errors import ConfigError
+
+        raise ConfigError("ZeroQ needs a model with BatchNorm layers (their running statistics are the distillation "
+                          "target); this model has none")
     was_training = model.training
     model.eval()
     req = {p: p.requires_grad for p in model.parameters()}

@@ -176,3 +176,28 @@ def test_rtn_equals_rex_order_one(net):
     a = rex.quantize(net, rex.QuantSpec(method="rtn", wbits=4, abits=4), example_input=x, input_range=(-3, 3))
     b = rex.quantize(net, rex.QuantSpec(method="rex", wbits=4, abits=4, order=1), example_input=x, input_range=(-3, 3))
     assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("wbits,abits,cin,groups,order", [
+    (4, 8, 64, 1, 3),     # float32-exact regime, three terms stacked in one conv
+    (8, 8, 128, 1, 2),    # 128*9*127*255 > 2^24: base-16 digit split
+    (8, 8, 32, 32, 2),    # depthwise, stacked terms interleaved per group
+    (6, 6, 64, 4, 3),     # grouped
+    (16, 16, 64, 1, 1),   # float64 fallback
+])
+def test_integer_paths_equal_float64_reference(wbits, abits, cin, groups, order):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(cin, 32 if groups == 1 else cin, 3, padding=1, groups=groups)
+    model = nn.Sequential(nn.ReLU(), conv)
+    x = torch.rand(2, cin, 6, 6) * 2
+    spec = rex.QuantSpec(wbits=wbits, abits=abits, order=order, first_last="same", mode="int")
+    q = rex.quantize(model, spec, example_input=x, input_range=(0, 2))
+    layer = q[1]
+    qx = layer.act.to_int(x)
+    ref = torch.zeros(2, conv.out_channels, 6, 6, dtype=torch.float64)
+    for k in range(layer.order):
+        qk, s, _, m = layer.term(k)
+        acc = F.conv2d(qx, qk.double() * m.view(-1, 1, 1, 1).double(), None, 1, 1, 1, groups)
+        ref += acc * s.double().view(1, -1, 1, 1) * float(layer.act.scale)
+    ref += layer.inner.bias.double().view(1, -1, 1, 1)
+    assert torch.allclose(q(x).double(), ref, rtol=1e-6, atol=1e-6)

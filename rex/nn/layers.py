@@ -44,17 +44,20 @@ class ActQuantizer(nn.Module):
         return f"bits={self.bits}, {'signed' if self.signed else 'unsigned'}, range=[{self.lo:.3g}, {self.hi:.3g}], source={self.source}"
 
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
-        """Integers (as float64 values, exact) of the quantized input."""
+        """Integers (as float64 values, exact) of the quantized input; same arithmetic as ``forward``
+        (multiply by the float32 inverse scale, round half to even, clamp)."""
         s = float(self.scale)
         if s == 0:
             return torch.zeros_like(x, dtype=torch.float64)
-        return torch.clamp(torch.round(x.double() / s), self.qmin, self.qmax)
+        inv = torch.tensor(1.0 / s, dtype=torch.float32)
+        return torch.clamp(torch.round(x.float() * inv), self.qmin, self.qmax).double()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.scale
-        if float(s) == 0:
+        s = float(self.scale)
+        if s == 0:
             return torch.zeros_like(x)
-        return torch.clamp(torch.round(x / s), self.qmin, self.qmax) * s
+        # one fused kernel (round(x * 1/s) clamped, times s): keeps fake-quant close to float speed
+        return torch.fake_quantize_per_tensor_affine(x, s, 0, self.qmin, self.qmax)
 
 
 class QuantLayer(nn.Module):
@@ -162,16 +165,9 @@ class QuantLayer(nn.Module):
             x = self.act(x)
         return self.inner(x)
 
-    def forward_int(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None:
-            qx, sx = self.act.to_int(x), float(self.act.scale)
-            if self.accumulator_bound() >= 2**53:
-                raise OverflowError(f"{self.layer_name}: integer accumulation exceeds 2^53, cannot be simulated exactly")
-        else:  # unquantized input: weights integer, input float (first-layer policy 'fp input')
-            qx, sx = x.double(), 1.0
-        bias = self.inner.bias
-        zero_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float64)
-        out = None
+    def _int_weights(self) -> list[torch.Tensor]:
+        """Integer weights (zero point removed, mask applied) of the active terms, as float64 values."""
+        ws = []
         for k in self._terms():
             q, s, z, m = self.term(k)
             if not bool(m.any()):
@@ -179,15 +175,70 @@ class QuantLayer(nn.Module):
             qw = q.double()
             if z is not None:
                 qw = qw - (z.reshape([-1] + [1] * (q.dim() - 1)).double() if z.dim() > 0 else z.double())
-            qw = qw * m.reshape([-1] + [1] * (q.dim() - 1)).double()
-            params = {"weight": qw}
-            if zero_bias is not None:
-                params["bias"] = zero_bias
-            acc = functional_call(self.inner, params, (qx,))  # exact integer accumulation in float64
-            y = acc * self._channel_view(s.double() * sx, acc.dim())
-            out = y if out is None else out + y
+            ws.append((qw * m.reshape([-1] + [1] * (q.dim() - 1)).double(), s.double()))
+        return ws
+
+    def _stacked_call(self, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Apply several integer weight tensors in ONE conv/matmul call (outputs stacked along channels,
+        interleaved per group so grouped and depthwise convs stay correct), and split the result."""
+        n = len(weights)
+        if n == 1:
+            return [self._call_inner(x, weights[0])]
+        if isinstance(self.inner, nn.Conv2d):
+            g = self.inner.groups
+            c_out = weights[0].shape[0]
+            w = torch.stack([wk.reshape(g, c_out // g, *wk.shape[1:]) for wk in weights], 1)
+            w = w.reshape(n * c_out, *weights[0].shape[1:])
+            y = self._call_inner(x, w)
+            y = y.reshape(y.shape[0], g, n, c_out // g, *y.shape[2:])
+            return [y[:, :, k].reshape(y.shape[0], c_out, *y.shape[4:]) for k in range(n)]
+        c_out = weights[0].shape[0]
+        y = self._call_inner(x, torch.cat(weights, 0))
+        return list(y.split(c_out, dim=-1))
+
+    def _call_inner(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        params = {"weight": w.to(x.dtype)}
+        if self.inner.bias is not None:
+            params["bias"] = torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
+        return functional_call(self.inner, params, (x,))
+
+    def forward_int(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer-exact: sum_k s_k * s_x * (q_x (*) q_k) + bias, every integer accumulation exact.
+
+        Exactness without int kernels: float32 holds every integer below 2^24 exactly, so when
+        fan_in * max|q_w| * max|q_x| < 2^24 the float32 conv of integer values IS the int32 result. Above
+        that, each weight is split into base-16 digits (q = 16 h + l, each digit's accumulation < 2^24) and
+        the digit results are recombined in float64; float64 (exact below 2^53) is the last resort."""
+        if self.act is not None:
+            qx, sx = self.act.to_int(x), float(self.act.scale)
+            qx_max = max(abs(self.act.qmin), abs(self.act.qmax))
+        else:  # unquantized input (first-layer policy 'fp input'): integer weights, float input
+            qx, sx, qx_max = x.double(), 1.0, None
+        terms = self._int_weights()
+        out = None
+        if terms:
+            fan = self.fan_in()
+            qw_max = max(int(w.abs().max()) for w, _ in terms)
+            if qx_max is not None and fan * qw_max * qx_max >= 2**53:
+                raise OverflowError(f"{self.layer_name}: integer accumulation exceeds 2^53, cannot be simulated exactly")
+            if qx_max is not None and fan * qw_max * qx_max < 2**24:
+                accs = self._stacked_call(qx.float(), [w for w, _ in terms])
+                accs = [a.double() for a in accs]
+            elif qx_max is not None and fan * 16 * qx_max < 2**24:
+                digits = []
+                for w, _ in terms:
+                    h = torch.floor(w / 16)
+                    digits += [h, w - 16 * h]  # low digit in [0, 15]
+                ys = self._stacked_call(qx.float(), digits)
+                accs = [16 * ys[2 * i].double() + ys[2 * i + 1].double() for i in range(len(terms))]
+            else:
+                accs = self._stacked_call(qx, [w for w, _ in terms])
+            for acc, (_, s) in zip(accs, terms):
+                y = acc * self._channel_view(s * sx, acc.dim())
+                out = y if out is None else out + y
         if out is None:
-            out = functional_call(self.inner, {"weight": torch.zeros(self._wshape, dtype=torch.float64, device=x.device), **({"bias": zero_bias} if zero_bias is not None else {})}, (qx,))
+            out = self._call_inner(qx, torch.zeros(self._wshape, dtype=torch.float64, device=x.device))
+        bias = self.inner.bias
         if bias is not None:
             out = out + self._channel_view(bias.double(), out.dim())
         return out.to(x.dtype)

@@ -15,7 +15,8 @@ The config is composed from ``conf/`` with Hydra's Compose API (``initialize_con
 Everything is written into ``.<name>.tmp-<pid>/`` beside the target and renamed into place in one step, so a
 killed job never leaves a complete-looking folder. A failed job still exits 0 (the table shows the failure);
 only a failure to write the folder itself exits non-zero. Afterwards the folder is logged to MLflow (best
-effort: an MLflow problem is reported on stderr and never fails the job; the aggregate step syncs again).
+effort: an MLflow problem is reported on stderr and never fails the job) unless ``--no-mlflow``: the Snakemake
+pipeline passes ``--no-mlflow`` and logs each folder in its own rule (``mlflow_log``).
 """
 from __future__ import annotations
 
@@ -312,12 +313,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rex.pipeline.job", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="the job folder (results/runs/<task>/<model>/<label>)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (run.threads)")
-    ap.add_argument("--grid", default=os.environ.get("REX_GRID"), help="name of the grid (recorded, not hashed; "
-                    "default: env REX_GRID)")
-    ap.add_argument("--tracking-uri", default=os.environ.get("REX_TRACKING_URI") or None,
-                    help="MLflow tracking URI (default: env REX_TRACKING_URI, else sqlite:///<results>/mlflow.db "
-                         "next to runs/; 'none' = do not log)")
-    ap.add_argument("--no-mlflow", action="store_true", help="do not log the job to MLflow")
+    ap.add_argument("--grid", default=None, help="name of the grid (recorded, not hashed)")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="MLflow tracking URI (default: sqlite:///<results>/mlflow.db, <results> = the folder "
+                         "holding runs/)")
+    ap.add_argument("--no-mlflow", action="store_true",
+                    help="do not log to MLflow (the pipeline logs in its own rule, mlflow_log)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=resnet20_fmnist method=rex method.order=2")
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -329,7 +330,7 @@ def main(argv=None) -> int:
     else:
         msg += " " + ", ".join(f"{k}={v}" for k, v in record.get("metrics", {}).items())
     print(msg, flush=True)
-    if not a.no_mlflow and (a.tracking_uri or "").lower() != "none":
+    if not a.no_mlflow:
         try:
             from . import tracking
 

@@ -174,16 +174,20 @@ class Tracker:
                                        order_by=["attributes.start_time ASC"])
         return runs[0] if runs else None
 
-    def _log_unlocked(self, job_dir: Path) -> str:
+    def _log_unlocked(self, job_dir: Path, extra_tags: Optional[dict] = None) -> tuple:
         from mlflow.entities import Metric, Param, RunTag
 
         record, cfg, rpath = read_job(job_dir)
         sha = hashlib.sha256(rpath.read_bytes()).hexdigest()
         tags = run_tags(record, job_dir, sha)
+        tags.update({k: str(v) for k, v in (extra_tags or {}).items() if v is not None})
         exp_id = self.experiment_id(record.get("task") or "unknown")
         run = self.find_run(exp_id, tags)
         if run is not None and run.data.tags.get("record_sha256") == sha:
-            return "unchanged"
+            stale = [RunTag(k, v) for k, v in tags.items() if run.data.tags.get(k) != v]
+            if stale:
+                self.client.log_batch(run.info.run_id, tags=stale)
+            return "unchanged", run.info.run_id
         created = run is None
         if created:
             run = self.client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags)
@@ -213,20 +217,21 @@ class Tracker:
         for p in files:
             self.client.log_artifact(run_id, str(p))
         self.client.set_terminated(run_id, "FINISHED" if record.get("status") == "ok" else "FAILED")
-        return "created" if created else "updated"
+        return ("created" if created else "updated"), run_id
 
-    def log_job(self, job_dir: Path) -> str:
-        """Create or update the run of one finished job folder; 'created' | 'updated' | 'unchanged'."""
+    def log_job(self, job_dir: Path, extra_tags: Optional[dict] = None) -> tuple:
+        """Create or update the run of one finished job folder -> (action, run_id), action one of
+        'created' | 'updated' | 'unchanged'."""
         def attempt():
             with self.lock():
-                return self._log_unlocked(Path(job_dir))
+                return self._log_unlocked(Path(job_dir), extra_tags)
 
         return _retry(attempt)
 
-    def sync(self, job_dirs: Iterable[Path]) -> dict:
+    def sync(self, job_dirs: Iterable[Path], extra_tags: Optional[dict] = None) -> dict:
         counts = {"created": 0, "updated": 0, "unchanged": 0}
         for d in job_dirs:
-            counts[self.log_job(Path(d))] += 1
+            counts[self.log_job(Path(d), extra_tags)[0]] += 1
         return counts
 
     def runs(self, task: Optional[str] = None) -> list:
@@ -241,9 +246,10 @@ class Tracker:
         return out
 
 
-def log_job(job_dir, tracking_uri: Optional[str] = None, results_dir=None) -> str:
+def log_job(job_dir, tracking_uri: Optional[str] = None, results_dir=None, extra_tags: Optional[dict] = None):
+    """Log one job folder -> (action, run_id)."""
     job_dir = Path(job_dir)
-    return Tracker(tracking_uri, results_dir or results_dir_of(job_dir)).log_job(job_dir)
+    return Tracker(tracking_uri, results_dir or results_dir_of(job_dir)).log_job(job_dir, extra_tags)
 
 
 def _dirs_from(paths: Iterable[str]) -> list:
@@ -258,24 +264,35 @@ def _dirs_from(paths: Iterable[str]) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rex.pipeline.tracking", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sync", help="log job folders (or their done markers) to MLflow, idempotently")
-    s.add_argument("--tracking-uri", default=None)
-    s.add_argument("--results-dir", default=None, help="default: derived from the first job folder")
-    s.add_argument("--out", default=None, help="write the counts here (a JSON file)")
-    s.add_argument("jobs", nargs="*")
+    for name, text in (("sync", "log job folders (or their done markers) to MLflow, idempotently"),
+                       ("log", "log ONE job folder (or its done marker); the pipeline's mlflow_log rule")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--tracking-uri", default=None, help="default sqlite:///<results>/mlflow.db")
+        s.add_argument("--results-dir", default=None, help="default: derived from the (first) job folder")
+        s.add_argument("--grid", default=None, help="set the run tag `grid`")
+        s.add_argument("--out", default=None, help="write the outcome here (a JSON file, written atomically)")
+        s.add_argument("jobs", nargs="+" if name == "log" else "*")
     a = ap.parse_args(argv)
     dirs = _dirs_from(a.jobs)
+    if a.cmd == "log" and len(dirs) != 1:
+        ap.error("log takes exactly one job folder")
     rdir = Path(a.results_dir) if a.results_dir else (results_dir_of(dirs[0]) if dirs else Path("results"))
     tr = Tracker(a.tracking_uri, rdir)
-    counts = tr.sync(dirs)
-    counts["tracking_uri"] = tr.uri
-    counts["jobs"] = len(dirs)
-    print(json.dumps(counts))
+    tags = {"grid": a.grid} if a.grid else None
+    if a.cmd == "log":
+        action, run_id = tr.log_job(dirs[0], tags)
+        result = {"action": action, "run_id": run_id, "job_dir": str(dirs[0])}
+    else:
+        result = tr.sync(dirs, tags)
+        result["jobs"] = len(dirs)
+    result["tracking_uri"] = tr.uri
+    print(json.dumps(result))
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(a.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(counts, indent=2) + "\n")
-        os.replace(tmp, a.out)
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
     return 0
 
 

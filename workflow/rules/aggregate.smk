@@ -1,5 +1,8 @@
 # Job folders -> summary.csv (task, model, method, wbits, abits, order, budget, bops, metric, value, status) and
-# jobs.csv (one row per job), and the idempotent MLflow sync (a view; it decides nothing about re-runs).
+# jobs.csv (one row per job); and MLflow, a view of the job folders: one small local rule per job logs its
+# folder as one run (found again by its config_hash tag, so re-logging updates instead of duplicating) and
+# leaves a marker. Parallel loggers serialise on a file lock with retries (rex.pipeline.tracking). Deleting
+# the MLflow store does not re-run anything: `python -m rex.pipeline.tracking sync <job folders>` refills it.
 
 
 rule aggregate:
@@ -14,22 +17,23 @@ rule aggregate:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{PY} -m rex.pipeline.aggregate --summary {output.summary:q} --jobs {output.jobs:q} {input:q} > {log:q} 2>&1"
+        "python rex/pipeline/aggregate.py --summary {output.summary:q} --jobs {output.jobs:q} {input:q} > {log:q} 2>&1"
 
 
-rule mlflow_sync:
+rule mlflow_log:
     input:
-        done_markers(),
+        done=f"{R}/runs/{{task}}/{{model}}/{{label}}/done",
     output:
-        f"{R}/mlflow_sync.json",
+        f"{R}/mlflow/{{task}}/{{model}}/{{label}}.json",
     log:
-        f"{R}/logs/mlflow_sync.log",
+        f"{R}/logs/mlflow/{{task}}/{{model}}/{{label}}.log",
     params:
         uri=TRACKING_URI,
-        results=R,
+        grid_name=GRID_NAME,
+    localrule: True
     resources:
-        mem_mb=1500,
-        runtime=30,
+        mem_mb=1000,
+        runtime=10,
     shell:
-        "{PY} -m rex.pipeline.tracking sync --tracking-uri {params.uri:q} --results-dir {params.results:q} "
-        "--out {output:q} {input:q} > {log:q} 2>&1"
+        "python rex/pipeline/tracking.py log --tracking-uri {params.uri:q} --grid {params.grid_name:q} "
+        "--out {output:q} {input.done:q} > {log:q} 2>&1"

@@ -1,6 +1,7 @@
 # Grid expansion and helpers shared by the rules. The grid logic is rex/pipeline/grid.py, loaded by path so
 # that building the DAG never imports torch or needs any data.
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,7 +20,6 @@ def _load_grid_module():
 grid = _load_grid_module()
 
 R = grid.relpath(grid.results_dir(config, PROJECT), PROJECT)  # results folder (relative when inside the project)
-PY = config.get("python") or sys.executable  # the interpreter running Snakemake (the project's venv)
 JOBS = grid.expand(config, PROJECT)
 JOB_BY_DIR = {j["dir"]: j for j in JOBS}
 TRAIN = grid.train_specs(config, PROJECT)
@@ -27,9 +27,11 @@ PAIRS = sorted({(j["task"], j["model"]) for j in JOBS})
 TRACKING_URI = config.get("tracking_uri") or f"sqlite:///{R}/mlflow.db"
 MLFLOW = bool(config.get("mlflow", True))
 RES = config.get("resources") or {}
-# Read by rex.pipeline.job (kept out of params so that they never trigger re-runs).
-os.environ["REX_GRID"] = str(config.get("name", "custom"))
-os.environ["REX_TRACKING_URI"] = TRACKING_URI if MLFLOW else "none"
+GRID_NAME = str(config.get("name", "custom"))
+
+# Jobs run `python` from the interpreter's folder that runs Snakemake (the project's .venv), or from `python:`.
+_PYBIN = os.path.dirname(config.get("python") or sys.executable)
+shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(_PYBIN)}:\"$PATH\"; ")
 
 
 wildcard_constraints:
@@ -75,8 +77,12 @@ def plot_files():
     return [f"{R}/plots/{t}_{m}.png" for t, m in PAIRS]
 
 
+def mlflow_markers():
+    return [f"{R}/mlflow/{j['task']}/{j['model']}/{j['label']}.json" for j in JOBS]
+
+
 def all_outputs():
     out = [f"{R}/summary.csv", f"{R}/jobs.csv", f"{R}/report.md"] + table_files() + plot_files()
     if MLFLOW:
-        out.append(f"{R}/mlflow_sync.json")
+        out += mlflow_markers()
     return out

@@ -1,8 +1,8 @@
 # One job per configuration: python -m rex.pipeline.job composes the config (Hydra Compose API), quantizes,
 # evaluates and writes <results>/runs/<task>/<model>/<label>/{config.yaml, metrics.json | FAILED.json, done}
 # atomically. A failed configuration exits 0 with FAILED.json (the tables show it); `done` is written last.
-# The grid name and the MLflow store reach the job through the environment (REX_GRID, REX_TRACKING_URI, set in
-# common.smk), not through params: neither may make Snakemake re-run a job.
+# MLflow logging is a separate rule (aggregate.smk): the tracking store never appears in a job's params, so
+# neither it nor the MLflow state can make Snakemake re-run a job.
 
 
 rule quantize_evaluate:
@@ -21,4 +21,4 @@ rule quantize_evaluate:
         runtime=job_resource("runtime", 30),
         cpus_per_task=lambda wildcards, threads: threads,
     shell:
-        "{PY} -m rex.pipeline.job --out {params.out:q} --threads {threads} {params.overrides} > {log:q} 2>&1"
+        "python -m rex.pipeline.job --out {params.out:q} --threads {threads} --no-mlflow {params.overrides} > {log:q} 2>&1"

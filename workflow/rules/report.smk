@@ -17,7 +17,7 @@ rule table:
         mem_mb=1000,
         runtime=5,
     shell:
-        "{PY} -m rex.pipeline.report table --summary {input.summary:q} --jobs {input.jobs:q} "
+        "python rex/pipeline/report.py table --summary {input.summary:q} --jobs {input.jobs:q} "
         "--task {wildcards.task} --model {wildcards.model} --out-prefix {params.prefix:q} > {log:q} 2>&1"
 
 
@@ -33,7 +33,7 @@ rule plot:
         mem_mb=1000,
         runtime=5,
     shell:
-        "{PY} -m rex.pipeline.report plot --summary {input.summary:q} --jobs {input.jobs:q} "
+        "python rex/pipeline/report.py plot --summary {input.summary:q} --jobs {input.jobs:q} "
         "--task {wildcards.task} --model {wildcards.model} --out {output:q} > {log:q} 2>&1"
 
 
@@ -48,12 +48,12 @@ rule report:
     log:
         f"{R}/logs/report.log",
     params:
-        grid_name=config.get("name", "custom"),
+        grid_name=GRID_NAME,
         uri=TRACKING_URI if MLFLOW else "",
     resources:
         mem_mb=1000,
         runtime=5,
     shell:
-        "{PY} -m rex.pipeline.report page --summary {input.summary:q} --jobs {input.jobs:q} --out {output:q} "
+        "python rex/pipeline/report.py page --summary {input.summary:q} --jobs {input.jobs:q} --out {output:q} "
         "--grid {params.grid_name:q} --tracking-uri {params.uri:q} --tables {input.tables:q} "
         "--plots {input.plots:q} > {log:q} 2>&1"

@@ -22,5 +22,5 @@ rule train_model:
         runtime=180,
         cpus_per_task=lambda wildcards, threads: threads,
     shell:
-        "{PY} workflow/scripts/train_model.py --model {wildcards.model} --out {params.out:q} "
+        "python workflow/scripts/train_model.py --model {wildcards.model} --out {params.out:q} "
         "--threads {threads} {params.reuse} -- {params.args} > {log:q} 2>&1"

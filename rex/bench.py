@@ -1,0 +1,135 @@
+"""Speed and memory benchmark: ``python -m rex bench`` writes a JSON and a CSV file.
+
+Every configuration of a model runs in its own subprocess (so peak RSS is that configuration's own) on
+the same cached, preprocessed images, in the same invocation, so ratios against FP32 are meaningful.
+Measured per configuration: quantization time, evaluation time (forward passes only, data already in
+memory), images per second, peak resident memory, top-1.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# (label, spec kwargs or None for FP32, extra)
+CONFIGS = [
+    ("fp32", None, {}),
+    ("fake W8A8 K=1", dict(wbits=8, abits=8, order=1), {}),
+    ("fake W4A8 K=2", dict(wbits=4, abits=8, order=2), {}),
+    ("fake W4A8 K=4 greedy 2.0", dict(wbits=4, abits=8, order=4, budget=2.0, allocation="greedy"), {}),
+    ("int W8A8 K=1", dict(wbits=8, abits=8, order=1, mode="int"), {}),
+    ("int W4A8 K=2", dict(wbits=4, abits=8, order=2, mode="int"), {}),
+    ("int8 kernels W8A8 K=1", dict(wbits=8, abits=8, order=1), {"backend": "int8"}),
+    ("int8 kernels W4A8 K=2", dict(wbits=4, abits=8, order=2), {"backend": "int8"}),
+    ("ensemble W4A8 K=3 (members sequential)", dict(wbits=4, abits=8, order=3), {"ensemble": True}),
+    ("exact W4A8 K=3", dict(wbits=4, abits=8, order=3), {}),
+]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_one(model_name: str, spec_kw, extra: dict, limit: int, batch_size: int, threads: int, device: str) -> dict:
+    import torch
+
+    import rex
+    from rex.data import get_dataset
+    from rex.models import example_input, get_model
+    from rex.runner import input_range_from_preprocess
+
+    torch.set_num_threads(threads)
+    bundle = get_model(model_name)
+    entry = bundle.entry
+    ds = get_dataset(entry.default_dataset, preprocess=entry.preprocess, limit=limit)
+    xs = torch.stack([ds[i][0] for i in range(len(ds))])
+    ys = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    rss_data = _peak_rss_mb()
+    ex = example_input(entry, batch=1)
+    model = bundle.model
+    t0 = time.perf_counter()
+    if spec_kw is not None:
+        model = rex.quantize(model, rex.QuantSpec(**spec_kw), example_input=ex, input_range=input_range_from_preprocess(entry.preprocess))
+    quant_s = time.perf_counter() - t0
+    sim_model = model
+    if extra.get("backend") == "int8":
+        from rex.backends import to_int8_backend
+
+        model, _ = to_int8_backend(model)
+    if extra.get("ensemble"):
+        from rex.ensemble import EnsembleModel
+
+        model = EnsembleModel(model)
+    model = model.to(device).eval()
+    correct = 0
+    with torch.no_grad():
+        model(xs[:batch_size].to(device))  # warm-up (allocator, kernels)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, len(xs), batch_size):
+            out = model(xs[i : i + batch_size].to(device))
+            correct += int((out.argmax(1).cpu() == ys[i : i + batch_size]).sum())
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        eval_s = time.perf_counter() - t0
+    return dict(
+        model=model_name, quant_seconds=round(quant_s, 4), eval_seconds=round(eval_s, 4),
+        images_per_second=round(len(xs) / eval_s, 2), n=len(xs), top1=round(100.0 * correct / len(xs), 2),
+        peak_rss_mb=round(_peak_rss_mb(), 1), rss_after_data_mb=round(rss_data, 1),
+        bops=model.bops(ex) if extra.get("ensemble") else rex.bops(sim_model, ex),
+    )
+
+
+def main(args) -> int:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model_name in [m for m in args.models.split(",") if m]:
+        for label, spec_kw, extra in CONFIGS:
+            payload = json.dumps(dict(model=model_name, spec=spec_kw, extra=extra, limit=args.limit,
+                                      batch_size=args.batch_size, threads=args.threads, device=args.device))
+            proc = subprocess.run([sys.executable, "-m", "rex.bench", payload], capture_output=True, text=True)
+            if proc.returncode != 0:
+                row = dict(model=model_name, config=label, status="failed", error=proc.stderr.strip().splitlines()[-1:] )
+            else:
+                row = dict(json.loads(proc.stdout.strip().splitlines()[-1]), config=label, status="ok")
+            rows.append(row)
+            print(f"{model_name:18s} {label:42s} " + (f"eval {row['eval_seconds']:.2f}s  {row['images_per_second']:.1f} img/s  quant {row['quant_seconds']:.2f}s  rss {row['peak_rss_mb']:.0f} MB  top1 {row['top1']}" if row["status"] == "ok" else f"FAILED {row.get('error')}"), flush=True)
+    for model_name in {r["model"] for r in rows}:
+        base = next((r for r in rows if r["model"] == model_name and r["config"] == "fp32" and r["status"] == "ok"), None)
+        for r in rows:
+            if base and r["model"] == model_name and r["status"] == "ok":
+                r["eval_time_vs_fp32"] = round(r["eval_seconds"] / base["eval_seconds"], 3)
+                r["peak_rss_vs_fp32"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 3)
+    import torch
+
+    meta = dict(
+        when=time.strftime("%Y-%m-%d %H:%M:%S"), machine=platform.machine(), processor=platform.processor(),
+        cpus=os.cpu_count(), threads=args.threads, device=args.device, torch=torch.__version__,
+        python=platform.python_version(), limit=args.limit, batch_size=args.batch_size,
+        loadavg=os.getloadavg(),
+    )
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2, default=str))
+    os.replace(tmp, out)
+    cols = ["model", "config", "status", "quant_seconds", "eval_seconds", "images_per_second", "eval_time_vs_fp32",
+            "peak_rss_mb", "peak_rss_vs_fp32", "top1", "bops", "n"]
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    cfg = json.loads(sys.argv[1])
+    res = run_one(cfg["model"], cfg["spec"], cfg["extra"], cfg["limit"], cfg["batch_size"], cfg["threads"], cfg["device"])
+    print(json.dumps(res))

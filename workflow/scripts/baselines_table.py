@@ -1,0 +1,197 @@
+"""Generate the baselines table (method.md §7) for one classification model on the bundled data.
+
+    .venv/bin/python workflow/scripts/baselines_table.py                      # MobileNetV2, 1000 images
+    .venv/bin/python workflow/scripts/baselines_table.py --limit 200 --settings 4/4
+
+Every number in the output is measured by this script through ``rex.runner.classification_job`` (the
+project's protocol: BN folding, first/last layers W8A8 order 1, data-free activation ranges, the bundled
+ImageNet sample). Per-configuration results are cached in ``<out>.json`` keyed by the spec and the image
+count, so an interrupted run resumes; ``--fresh`` ignores the cache. Writes ``<out>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+METHODS = {  # key -> (row label, spec kwargs merged with the setting's wbits/abits)
+    "rtn": ("RTN", dict(method="rtn")),
+    "dfq": ("DFQ", dict(method="dfq")),
+    "squant": ("SQuant", dict(method="squant")),
+    "ocs": ("OCS (expand 2%)", dict(method="ocs", options={"expand_ratio": 0.02})),
+    "zeroq": ("ZeroQ", dict(method="zeroq")),
+    "rex": ("REx (K=2, budget 1.5)", dict(method="rex", order=2, budget=1.5)),
+    "rex_squant": ("REx+SQuant (K=2, budget 1.5)", dict(method="rex_squant", order=2, budget=1.5)),
+}
+PER_TENSOR = {  # the DFQ setting: per-tensor weight scales
+    "RTN": dict(method="rtn"),
+    "DFQ, equalization only (ReLU6->ReLU + CLE)": dict(method="dfq", options={"absorb": False, "bias_correct": False}),
+    "DFQ, + high-bias absorption": dict(method="dfq", options={"bias_correct": False}),
+    "DFQ (+ bias correction)": dict(method="dfq"),
+}
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
+    except Exception:
+        return "unknown"
+
+
+def _key(spec, limit) -> str:
+    return f"{spec.hash()}|{limit}"
+
+
+def run_one(model_name, spec, dataset, limit, cache, cache_path, fresh):
+    from rex.runner import classification_job
+
+    key = _key(spec, limit) if spec is not None else f"fp32|{limit}"
+    if not fresh and key in cache:
+        return cache[key]
+    t0 = time.perf_counter()
+    out = classification_job(model_name, spec, dataset=dataset, limit=limit, progress=False, keep_model=True)
+    q = out.pop("qmodel", None)
+    info = getattr(q, "rex_info", None)
+    row = {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    row["extra"] = json.loads(json.dumps(info.extra, default=str)) if info is not None else {}
+    row["spec_dict"] = spec.to_dict() if spec is not None else None
+    row["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    cache[key] = row
+    tmp = cache_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    os.replace(tmp, cache_path)
+    label = spec.label() if spec is not None else "fp32"
+    print(f"  {label}: top1 {row.get('top1')} agree {row.get('agreement')} bops {row.get('bops')} "
+          f"({row['wall_seconds']} s)", flush=True)
+    return row
+
+
+def _fmt(v, nd=1):
+    return "—" if v is None else f"{v:.{nd}f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mobilenet_v2")
+    ap.add_argument("--dataset", default="imagenet_sample")
+    ap.add_argument("--limit", type=int, default=None, help="number of images (default: all)")
+    ap.add_argument("--settings", default="8/8,6/6,4/8,4/4", help="comma-separated W/A pairs")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated keys of " + ", ".join(METHODS))
+    ap.add_argument("--per-tensor", default="8/8", help="W/A settings of the per-tensor (DFQ) table; '' to skip")
+    ap.add_argument("--out", default=None, help="output .md (default results/tables/baselines_<model>.md)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--fresh", action="store_true", help="ignore cached per-configuration results")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import rex
+    from rex.reference import load_published
+
+    out = Path(args.out) if args.out else ROOT / "results" / "tables" / f"baselines_{args.model}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cache_path = out.with_suffix(".json")
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    settings = [tuple(int(b) for b in s.split("/")) for s in args.settings.split(",") if s]
+    labels = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in labels if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method keys {unknown}; known: {list(METHODS)}")
+    t_all = time.perf_counter()
+    print(f"FP32 {args.model} on {args.dataset} (limit {args.limit})", flush=True)
+    fp = run_one(args.model, None, args.dataset, args.limit, cache, cache_path, args.fresh)
+    grid: dict = {}
+    for w, a in settings:
+        print(f"W{w}A{a}", flush=True)
+        for lab in labels:
+            spec = rex.QuantSpec(wbits=w, abits=a, **METHODS[lab][1])
+            grid[(lab, w, a)] = run_one(args.model, spec, args.dataset, args.limit, cache, cache_path, args.fresh)
+    pt_settings = [tuple(int(b) for b in s.split("/")) for s in args.per_tensor.split(",") if s]
+    pt: dict = {}
+    for w, a in pt_settings:
+        print(f"per-tensor W{w}A{a}", flush=True)
+        for lab, kw in PER_TENSOR.items():
+            spec = rex.QuantSpec(wbits=w, abits=a, granularity="per_tensor", **kw)
+            pt[(lab, w, a)] = run_one(args.model, spec, args.dataset, args.limit, cache, cache_path, args.fresh)
+
+    n = fp.get("n")
+    lines = [
+        f"# Data-free baselines on {args.model} ({args.dataset}, {n} images)",
+        "",
+        "Generated by `workflow/scripts/baselines_table.py` "
+        f"(`{' '.join(['python', 'workflow/scripts/baselines_table.py'] + (argv if argv is not None else sys.argv[1:]))}`), "
+        f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, commit {_git_commit()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. Do not edit by hand.",
+        "",
+        "Protocol (every row): BN folded; first and last layers W8A8 at order 1 (`first_last=8bit`); other layers "
+        "symmetric per-output-channel weights; activations per tensor with data-free ranges from the folded BN "
+        "statistics (beta + n|gamma|, n by bit-width) except ZeroQ, whose ranges come from its distilled data; "
+        "the network input range from the preprocessing. BOPs per image (MACs x b_w x b_a x sum of kept densities, "
+        "float layers 32x32), recomputed from the quantized model. Top-1 on the bundled sample (one image per class): "
+        f"{n} images, so one image is {100 / max(1, n or 1):.1f} points; agreement = % of images with the FP32 top-1 class.",
+        "",
+        f"FP32: top-1 **{_fmt(fp.get('top1'))}**, {fp.get('bops', 0) / 1e9:.1f} GBOPs.",
+        "",
+    ]
+    head = "| Method | " + " | ".join(f"W{w}A{a} top-1 | W{w}A{a} GBOPs" for w, a in settings) + " |"
+    lines += [head, "|" + "---|" * (1 + 2 * len(settings))]
+    lines.append("| FP32 | " + " | ".join(f"{_fmt(fp.get('top1'))} | {fp.get('bops', 0) / 1e9:.1f}" for _ in settings) + " |")
+    for lab in labels:
+        cells = []
+        for w, a in settings:
+            r = grid[(lab, w, a)]
+            cells.append(f"{_fmt(r.get('top1'))} | {r.get('bops', 0) / 1e9:.2f}")
+        lines.append(f"| {METHODS[lab][0]} | " + " | ".join(cells) + " |")
+    lines += ["", "Details (agreement with FP32, BOPs relative to RTN at the same W/A, quantization time):", "",
+              "| W/A | Method | top-1 | top-5 | agreement | BOPs vs RTN | quant s | notes |", "|---|---|---|---|---|---|---|---|"]
+    for w, a in settings:
+        base = grid.get(("rtn", w, a), {}).get("bops")
+        for lab in labels:
+            r = grid[(lab, w, a)]
+            ex = r.get("extra", {})
+            note = []
+            if "zeroq_seconds" in ex:
+                note.append(f"distillation+ranges {ex['zeroq_seconds']} s (batch {ex['zeroq']['batch']}, "
+                            f"{ex['zeroq']['steps']} steps{', cached' if ex['zeroq'].get('distill_cached') else ''})")
+            if "ocs" in ex:
+                note.append(f"{ex['ocs']['channels_added']} channels added")
+            if "dfq" in ex:
+                d = ex["dfq"]
+                note.append(f"{d['pairs']} pairs, {d['absorbed']} absorbed, {d['bias_corrected']} biases corrected")
+            ratio = None if not base else r.get("bops", 0) / base
+            lines.append(f"| W{w}A{a} | {METHODS[lab][0]} | {_fmt(r.get('top1'))} | {_fmt(r.get('top5'))} | {_fmt(r.get('agreement'))} | "
+                         f"{_fmt(ratio, 3)} | {_fmt(r.get('quant_seconds'), 1)} | {'; '.join(note)} |")
+    if pt:
+        lines += ["", "## Per-tensor weights (the DFQ setting)", "",
+                  "Same protocol with `granularity=per_tensor` (one weight scale per layer).", "",
+                  "| W/A | Method | top-1 | agreement | GBOPs |", "|---|---|---|---|---|"]
+        for (lab, w, a), r in pt.items():
+            lines.append(f"| W{w}A{a} | {lab} | {_fmt(r.get('top1'))} | {_fmt(r.get('agreement'))} | {r.get('bops', 0) / 1e9:.2f} |")
+    pub = load_published(model=args.model)
+    if pub:
+        lines += ["", "## Published numbers (other protocols, for reference only)", "",
+                  "Not measured here: other weights, full ImageNet val (50k). From `rex/reference/published.yaml`.", "",
+                  "| Method | Variant | W/A | FP32 | top-1 | Weights | Source |", "|---|---|---|---|---|---|---|"]
+        for e in pub:
+            lines.append(f"| {e['method']} | {e.get('variant', '')} | W{e['wbits']}A{e['abits']} | {e.get('fp32_top1', '')} | "
+                         f"{e['top1']} | {e.get('weights', '')} | {e['source']} |")
+    lines += ["", f"Total wall time of this run (cached rows excluded): {time.perf_counter() - t_all:.0f} s.", ""]
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
