@@ -24,7 +24,7 @@ test: setup
 
 # snakemake's linter on the workflow, the JSON-schema check of every grid (snakemake -n), python syntax
 lint:
-	$(SNAKEMAKE) --lint
+	$(PY) workflow/scripts/check_lint.py
 	@for g in conf/grid/*.yaml; do \
 	  echo "dry-run $$g"; $(SNAKEMAKE) -n -q --cores 1 --configfile $$g --config results_dir=/tmp/rex-lint-$$$$ >/dev/null || exit 1; \
 	done

@@ -172,7 +172,7 @@ def test_equalization_preserves_function_and_equalizes_ranges(tiny):
 
 
 def test_equalization_on_real_mobilenet_v2_preserves_function(mobilenet_v2):
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))  # any size: the graph is the same
     f, stats = fold_batchnorm(mobilenet_v2, x[:1]).model, None
     pairs = find_pairs(f, x[:1])
     # stem->dw, features.1 dw->project, 16 blocks x (expand->dw, dw->project), the two links between blocks
@@ -393,7 +393,7 @@ def test_zeroq_distills_bn_statistics_and_sets_ranges(tiny):
 # --------------------------------------------------------------------------------------------------
 
 
-N_IMAGES = 96  # enough to separate a collapsed model from a working one, small enough for the time budget
+N_IMAGES = 64  # enough to separate a collapsed model from a working one, small enough for the time budget
 
 
 @pytest.fixture(scope="module")

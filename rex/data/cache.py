@@ -193,6 +193,28 @@ def _progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, unit="img", disable=not sys.stderr.isatty(), leave=False)
 
 
+def image_cache_path(name: str, root: Path, files: Sequence[Path], labels: Sequence[int],
+                     preprocess: Preprocess, extra_key: str = "") -> Path:
+    key = {"dataset": name, "preprocess": preprocess.geometry_key(),
+           "files": file_list_digest(root, files, extra_key + "|" + ",".join(map(str, labels)))}
+    return cache_path(name, key)
+
+
+def load_cached_image_dataset(name: str, root: Path, files: Sequence[Path], labels: Sequence[int],
+                              preprocess: Preprocess, classes: Optional[Sequence[str]] = None,
+                              extra_key: str = "") -> Optional[TensorImageDataset]:
+    """The cached TensorImageDataset for exactly these files and geometry, or None when not cached."""
+    path = image_cache_path(name, root, files, labels, preprocess, extra_key)
+    if not path.is_file():
+        return None
+    labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+    loaded = _load_cache(path, len(files))
+    if loaded is None or not torch.equal(loaded[1], labels_t):
+        return None
+    return TensorImageDataset(name, loaded[0], labels_t, preprocess, classes,
+                              [os.path.relpath(p, root) for p in files], root, path)
+
+
 def build_image_dataset(name: str, root: Path, files: Sequence[Path], labels: Sequence[int],
                         preprocess: Preprocess, classes: Optional[Sequence[str]] = None, *,
                         cache: bool = True, extra_key: str = "",
@@ -210,14 +232,10 @@ def build_image_dataset(name: str, root: Path, files: Sequence[Path], labels: Se
     labels_t = torch.as_tensor(list(labels), dtype=torch.long)
     path = None
     if cache:
-        key = {"dataset": name, "preprocess": preprocess.geometry_key(),
-               "files": file_list_digest(root, files, extra_key + "|" + ",".join(map(str, labels)))}
-        path = cache_path(name, key)
-        if path.is_file():
-            loaded = _load_cache(path, n)
-            if loaded is not None and torch.equal(loaded[1], labels_t):
-                return TensorImageDataset(name, loaded[0], labels_t, preprocess, classes,
-                                          [os.path.relpath(p, root) for p in files], root, path)
+        path = image_cache_path(name, root, files, labels, preprocess, extra_key)
+        found = load_cached_image_dataset(name, root, files, labels, preprocess, classes, extra_key)
+        if found is not None:
+            return found
     images = torch.empty((n, c, h, w), dtype=torch.uint8)
     for i, p in enumerate(_progress(files, n, f"decoding {name}")):
         images[i] = decode_image(p, preprocess)

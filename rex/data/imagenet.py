@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from .. import paths
 from ..errors import DatasetError
-from .cache import build_image_dataset
+from .cache import build_image_dataset, load_cached_image_dataset
 from .preprocess import Preprocess
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
@@ -50,10 +50,14 @@ def imagenet_sample(root: Optional[os.PathLike] = None, preprocess: Optional[Pre
         labels.append(int(parts[1]))
     if not files:
         raise DatasetError(f"imagenet_sample: {labels_file} lists no images")
-    if limit is not None:
-        files, labels = files[:limit], labels[:limit]
     synsets = root / "synsets.txt"
     classes = synsets.read_text().split() if synsets.is_file() else None
+    if limit is not None and limit < len(files):
+        if cache:  # a subset of an already decoded full set: slice it instead of decoding again
+            full = load_cached_image_dataset("imagenet_sample", root, files, labels, preprocess, classes)
+            if full is not None:
+                return full.subset(limit)
+        files, labels = files[:limit], labels[:limit]
     return build_image_dataset("imagenet_sample", root, files, labels, preprocess, classes, cache=cache)
 
 

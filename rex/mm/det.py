@@ -6,6 +6,8 @@
 - ``RexCocoDataset``: mmdet ``CocoDataset`` that also accepts ground-truth files whose category names are numeric
   strings (the bundled ``instances_val2017_first128.json`` names its categories ``"1"``, ``"2"``, ...); those are
   renamed in memory to the standard COCO names so ``metainfo['classes']`` works.
+- ``RexCocoMetric``: mmdet ``CocoMetric`` with the same renaming, COCOeval's default maxDets (1, 10, 100), scoring
+  only the images that were run (so ``max_images`` subsets are scored correctly).
 - ``fastestdet_test_pipeline()``: mmcv/mmdet transforms reproducing the reference preprocessing (cv2 decode = BGR,
   bilinear resize to 352x352 without keeping the ratio); the model's ``DetDataPreprocessor`` divides by 255.
 """
@@ -181,7 +183,7 @@ def build_coco_subset(data_root=None, max_images: Optional[int] = None, pipeline
 
 
 def build_coco_metric(dataset: RexCocoDataset, classwise: bool = False):
-    """``RexCocoMetric`` (mmdet CocoMetric, bbox) on the dataset's GT file, with COCOeval's default maxDets (1, 10, 100)."""
+    """``RexCocoMetric`` (mmdet CocoMetric, bbox) on the dataset's GT file, COCOeval's default maxDets (1, 10, 100)."""
     metric = RexCocoMetric(ann_file=dataset.ann_file, metric="bbox", proposal_nums=(1, 10, 100), classwise=classwise)
     metric.dataset_meta = copy.deepcopy(dataset.metainfo)
     return metric

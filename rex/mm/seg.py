@@ -4,7 +4,7 @@
   only calls ``net(x)``). It normalises the BGR image as the reference does, ``(img - mean) / std / 255`` in float64
   then cast to float32 (bit-exact), pads to a multiple of 8 if needed, and takes the argmax over **all** output channels
   (12 for CamVid: a pixel may be predicted as void).
-- ``RexCamVidDataset``: an mmseg ``BaseSegDataset`` over ``test/*.png`` + ``testannot/*.png`` with the 11 CamVid classes.
+- ``RexCamVidDataset``: an mmseg ``BaseSegDataset`` over ``test/*.png`` + ``testannot/*.png``, 11 CamVid classes.
   ``void_mode`` chooses how the void label (11) is scored by mmseg's ``IoUMetric`` (11 classes):
 
   * ``"reference"`` (default): void stays 11, outside the 11-class range. ``IoUMetric`` then counts a void pixel

@@ -30,7 +30,7 @@ SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget
 JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "label", "method", "base_method",
                "allocation", "wbits", "abits", "order", "budget", "status", "bops", "plain_bops", "fp32_bops", "n",
                "primary_metric", "primary_value", "fp32_primary", "first_last", "granularity", "symmetric", "mode",
-               "act_sigma", "config_hash", "wall_seconds", "peak_rss_mb", "error", "dir"]
+               "act_sigma", "config_hash", "wall_seconds", "cpu_seconds", "peak_rss_mb", "error", "dir"]
 
 
 def method_name(method: str, allocation: str = "uniform") -> str:
@@ -84,7 +84,8 @@ def job_row(rec: dict) -> dict:
         "first_last": proto.get("first_last", ""), "granularity": proto.get("granularity", ""),
         "symmetric": proto.get("symmetric", ""), "mode": proto.get("mode", ""),
         "act_sigma": _num(proto.get("act_sigma")), "config_hash": rec.get("config_hash") or "",
-        "wall_seconds": _num(rec.get("wall_seconds")), "peak_rss_mb": _num(rec.get("peak_rss_mb")),
+        "wall_seconds": _num(rec.get("wall_seconds")), "cpu_seconds": _num(rec.get("cpu_seconds")),
+        "peak_rss_mb": _num(rec.get("peak_rss_mb")),
         "error": f"{err.get('type')}: {err.get('message', '')}".replace("\n", " ")[:300] if err else "",
         "dir": rec.get("dir"),
     }

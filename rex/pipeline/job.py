@@ -169,6 +169,13 @@ def dataset_hash(path: Optional[str]) -> Optional[str]:
     return h.hexdigest()
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its waited-for children (the job's cost on a busy machine)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 3)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process and its (waited-for) children, MB (ru_maxrss is KiB on Linux)."""
     scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
@@ -297,6 +304,7 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
                   "error": {"type": type(exc).__name__, "message": str(exc)[:2000], "traceback_tail": tb[-25:]}}
         name = RECORD_FAILED
     record["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    record["cpu_seconds"] = cpu_seconds()
     record["peak_rss_mb"] = peak_rss_mb()
     record["versions"] = versions()
     record["git"] = git_info()

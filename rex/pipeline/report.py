@@ -26,8 +26,8 @@ else:  # run by path (`python rex/pipeline/<this>.py`, as the pipeline does): sk
     import grid as gridlib  # type: ignore[no-redef]
 
 METHOD_DISPLAY = {"fp32": "FP32", "rtn": "RTN", "rex": "REx", "dfq": "DFQ", "squant": "SQuant", "ocs": "OCS",
-                  "zeroq": "ZeroQ"}
-METHOD_ORDER = ["fp32", "rtn", "dfq", "squant", "ocs", "zeroq", "rex"]
+                  "zeroq": "ZeroQ", "rex_dfq": "REx+DFQ", "rex_squant": "REx+SQuant"}
+METHOD_ORDER = ["fp32", "rtn", "dfq", "squant", "ocs", "zeroq", "rex", "rex_dfq", "rex_squant"]
 METRIC_DISPLAY = {"top1": "top-1 (%)", "top5": "top-5 (%)", "agreement": "agree (%)", "kl": "KL (nats)",
                   "AP": "AP", "AP50": "AP50", "AP75": "AP75", "mIoU": "mIoU (%)"}
 FIRST_LAST = {"8bit": "first and last layers kept at W8A8, order 1",

@@ -88,7 +88,7 @@ def run_metrics(record: dict) -> dict:
     """The numbers of a job as MLflow metrics (finite numbers only)."""
     vals = dict(record.get("metrics") or {})
     vals.update({f"fp32_{k}": v for k, v in (record.get("fp32") or {}).items()})
-    for k in ("bops", "fp32_bops", "plain_bops", "n", "wall_seconds", "peak_rss_mb"):
+    for k in ("bops", "fp32_bops", "plain_bops", "n", "wall_seconds", "cpu_seconds", "peak_rss_mb"):
         vals[k] = record.get(k)
     det = record.get("details") or {}
     for k in ("quant_seconds", "eval_seconds", "size_mbit", "bops_ratio_vs_plain", "max_err"):

@@ -11,6 +11,8 @@ rule aggregate:
     output:
         summary=f"{R}/summary.csv",
         jobs=f"{R}/jobs.csv",
+    benchmark:
+        f"{R}/benchmarks/aggregate.tsv",
     log:
         f"{R}/logs/aggregate.log",
     resources:
@@ -25,6 +27,8 @@ rule mlflow_log:
         done=f"{R}/runs/{{task}}/{{model}}/{{label}}/done",
     output:
         f"{R}/mlflow/{{task}}/{{model}}/{{label}}.json",
+    benchmark:
+        f"{R}/benchmarks/mlflow/{{task}}/{{model}}/{{label}}.tsv",
     log:
         f"{R}/logs/mlflow/{{task}}/{{model}}/{{label}}.log",
     params:

@@ -41,7 +41,10 @@ wildcard_constraints:
 
 
 def job_of(wildcards):
-    return JOB_BY_DIR[f"{R}/runs/{wildcards.task}/{wildcards.model}/{wildcards.label}"]
+    key = f"{R}/runs/{wildcards.task}/{wildcards.model}/{wildcards.label}"
+    if key not in JOB_BY_DIR:
+        raise ValueError(f"{key} is not a job of grid {GRID_NAME!r} (see conf/grid/)")
+    return JOB_BY_DIR[key]
 
 
 def job_inputs(wildcards):

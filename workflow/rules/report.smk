@@ -9,6 +9,8 @@ rule table:
         md=f"{R}/tables/{{task}}_{{model}}.md",
         csv=f"{R}/tables/{{task}}_{{model}}.csv",
         tex=f"{R}/tables/{{task}}_{{model}}.tex",
+    benchmark:
+        f"{R}/benchmarks/tables/{{task}}_{{model}}.tsv",
     log:
         f"{R}/logs/tables/{{task}}_{{model}}.log",
     params:
@@ -27,6 +29,8 @@ rule plot:
         jobs=f"{R}/jobs.csv",
     output:
         f"{R}/plots/{{task}}_{{model}}.png",
+    benchmark:
+        f"{R}/benchmarks/plots/{{task}}_{{model}}.tsv",
     log:
         f"{R}/logs/plots/{{task}}_{{model}}.log",
     resources:
@@ -45,6 +49,8 @@ rule report:
         plots=plot_files(),
     output:
         f"{R}/report.md",
+    benchmark:
+        f"{R}/benchmarks/report.tsv",
     log:
         f"{R}/logs/report.log",
     params:

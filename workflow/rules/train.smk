@@ -8,6 +8,8 @@ rule train_model:
     output:
         checkpoint=f"{R}/models/{{model}}/model.pt",
         metrics=f"{R}/models/{{model}}/metrics.json",
+    benchmark:
+        f"{R}/benchmarks/train/{{model}}.tsv",
     log:
         f"{R}/logs/train/{{model}}.log",
     params:
