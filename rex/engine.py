@@ -153,12 +153,21 @@ def quantize_model(
     ex = example_input if example_input is not None else default_example_input(m)
     info = QuantInfo(spec)
     stats: dict = {}
-    if spec.fold_bn:
-        fr = fold_batchnorm(m, ex, inplace=True)
-        stats, info.folded = fr.output_stats, fr.folded
-    if prepare is not None:
+    if prepare is None:
+        # one tracing pass serves both folding and ranges: a BN's output range is the same whether it is
+        # folded or not, and folding renames nothing
+        tr = trace(m, ex, sigma=spec.sigma, input_range=input_range)
+        if spec.fold_bn:
+            fr = fold_batchnorm(m, ex, inplace=True, trace_result=tr)
+            info.folded = fr.folded
+            for conv, bn in fr.folded:
+                tr.output_range[conv] = tr.bn_output_range.get(bn)
+    else:
+        if spec.fold_bn:
+            fr = fold_batchnorm(m, ex, inplace=True)
+            stats, info.folded = fr.output_stats, fr.folded
         m, stats = prepare(m, ex, stats)
-    tr = trace(m, ex, sigma=spec.sigma, input_range=input_range, output_stats=stats)
+        tr = trace(m, ex, sigma=spec.sigma, input_range=input_range, output_stats=stats)
     if not tr.order:
         raise ConfigError("model has no Conv2d or Linear layer reached by the example input: nothing to quantize")
     if range_override:
@@ -174,7 +183,9 @@ def quantize_model(
         inner = get_module(m, p.name)
         w = inner.weight.detach()
         q = quantizer_factory(p.wbits, p.name)
-        masks = select_masks(w, q, p.order, counts.get(p.name, []), spec.criterion) if p.order > 1 else None
+        c = counts.get(p.name, [])
+        dense = all(n >= p.channels for n in c) and len(c) == p.order - 1
+        masks = select_masks(w, q, p.order, c, spec.criterion) if p.order > 1 and not dense else None
         terms = expand_terms(w, q, p.order, masks, name=p.name)
         act = None
         if p.abits is not None and p.input_range is not None:

@@ -71,7 +71,7 @@ def expand_terms(
             continue
         # the scale of a sparse order is computed from the rows it keeps (per channel this changes nothing)
         target = residual * _rows(mask, residual).to(residual.dtype)
-        qt = quantizer(target, name=f"{name} (order {k + 1})")
+        qt = quantizer(target, name=f"{name} (order {k + 1})", check=False)  # checked once above
         if qt.zero_point is None:
             qt.q = qt.q * _rows(mask, qt.q).to(qt.q.dtype)
         term = ExpansionTerm(qt, mask)
@@ -238,7 +238,7 @@ def select_masks(
     w = weight.detach().float()
     c_out = w.shape[0]
     masks: list[Optional[torch.Tensor]] = [None]
-    residual = w - quantizer(w).dequantize()
+    residual = w - quantizer(w, check=False).dequantize()
     wnorm = w.flatten(1).norm(dim=1)
     for k in range(2, order + 1):
         n = int(counts[k - 2]) if k - 2 < len(counts) else 0
@@ -249,5 +249,5 @@ def select_masks(
         masks.append(mask)
         if mask.any():
             target = residual * _rows(mask, residual)
-            residual = residual - quantizer(target).dequantize() * _rows(mask, residual)
+            residual = residual - quantizer(target, check=False).dequantize() * _rows(mask, residual)
     return masks

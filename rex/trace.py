@@ -183,6 +183,7 @@ class TraceResult:
     output_shape: dict[str, tuple] = field(default_factory=dict)
     output_range: dict[str, Interval] = field(default_factory=dict)  # per weight layer, range of its output
     conv_bn: list[tuple[str, str]] = field(default_factory=list)  # (conv, bn) foldable pairs
+    bn_output_range: dict[str, Interval] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
 
 
@@ -235,12 +236,18 @@ def trace(
             bn_in.append((name, id(args[0])))
         return fn
 
+    def bn_post(name):
+        def fn(module, args, out):
+            res.bn_output_range.setdefault(name, tracer.get(out))
+        return fn
+
     for name, m in model.named_modules():
         if layer_filter(name, m):
             handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post(name)))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             handles.append(m.register_forward_pre_hook(bn_pre(name)))
+            handles.append(m.register_forward_hook(bn_post(name)))
 
     def seed(x):
         for t in _tensors(x):

@@ -270,6 +270,20 @@ def test_dfq_extra_and_notes(tiny):
     assert d["cle_max_log_scale"] < 1e-3
 
 
+def test_rex_dfq_expands_the_prepared_model_under_the_budget(tiny):
+    plain = rex.quantize(tiny, method="dfq", wbits=4, abits=8, example_input=X[:1])
+    q = rex.quantize(tiny, method="rex_dfq", wbits=4, abits=8, order=2, budget=1.5, example_input=X[:1])
+    ratio = rex.bops(q, X[:1]) / rex.bops(plain, X[:1])
+    assert 1.2 < ratio <= 1.5 + 1e-6
+    assert q.get_submodule("b1.expand.0").order == 2
+    dense = rex.quantize(tiny, method="rex_dfq", wbits=4, abits=None, order=3, example_input=X[:1])
+    ref = rex.quantize(tiny, method="dfq", wbits=8, abits=None, example_input=X[:1],
+                       options=dict(bias_correct=False))
+    with torch.no_grad():  # W4 K=3 on the DFQ model is closer to it than W4 K=1
+        one = rex.quantize(tiny, method="dfq", wbits=4, abits=None, example_input=X[:1])
+        assert _rel(dense(X), ref(X)) < _rel(one(X), ref(X))
+
+
 # --------------------------------------------------------------------------------------------------
 # SQuant
 # --------------------------------------------------------------------------------------------------
@@ -388,6 +402,14 @@ def test_zeroq_distills_bn_statistics_and_sets_ranges(tiny):
     assert zr["b2.expand.0"] != rr["b2.expand.0"]
 
 
+def test_zeroq_needs_batchnorm(one_thread):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 2))
+    with pytest.raises(rex.ConfigError, match="BatchNorm"):
+        rex.quantize(net, method="zeroq", example_input=X[:1])
+    with pytest.raises(rex.ConfigError, match="zeroq_percentile"):
+        rex.quantize(TinyNet().eval(), method="zeroq", example_input=X[:1], options={"zeroq_percentile": 20})
+
+
 # --------------------------------------------------------------------------------------------------
 # real MobileNetV2 (200 bundled images)
 # --------------------------------------------------------------------------------------------------
@@ -449,3 +471,30 @@ def test_rtn_equals_rex_order_one_on_real_mobilenet_v2(mobilenet_v2, imagenet_ba
     for (na, la), (nb, lb) in zip(a.named_modules(), b.named_modules()):
         if isinstance(la, QuantLayer):
             assert na == nb and torch.equal(la.q0, lb.q0) and torch.equal(la.s0, lb.s0)
+
+
+def test_squant_beats_rtn_on_fashion_mnist_resnet20(one_thread):
+    """The trained Fashion-MNIST ResNet-20 (skipped until `python -m rex.train --model resnet20_fmnist` ran)."""
+    from rex.data import get_dataset
+    from rex.models import checkpoint_ok, example_input, get_model
+    from rex.runner import input_range_from_preprocess
+
+    if not checkpoint_ok("resnet20_fmnist"):
+        pytest.skip("resnet20_fmnist is not trained here (python -m rex.train --model resnet20_fmnist)")
+    torch.set_num_threads(2)
+    b = get_model("resnet20_fmnist")
+    ds = get_dataset("fashion_mnist", preprocess=b.entry.preprocess, limit=300)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    ex, rng = example_input(b.entry), input_range_from_preprocess(b.entry.preprocess)
+    with torch.inference_mode():
+        fp = b.model(x).argmax(1)
+    res = {}
+    for name in ("rtn", "squant"):
+        q = rex.quantize(b.model, method=name, wbits=3, abits=4, example_input=ex, input_range=rng)
+        with torch.inference_mode():
+            pred = q(x).argmax(1)
+        res[name] = (100.0 * float((pred == y).float().mean()), 100.0 * float((pred == fp).float().mean()))
+    # 10,000 test images, W3A4: RTN 87.8 top-1 (92.0 agreement), SQuant 90.8 (96.2); FP32 91.45
+    assert res["squant"][1] > res["rtn"][1] + 1, res  # agreement with FP32
+    assert res["squant"][0] >= res["rtn"][0], res

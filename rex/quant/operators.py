@@ -71,8 +71,9 @@ class WeightQuantizer:
     def __repr__(self) -> str:
         return self.name
 
-    def __call__(self, w: torch.Tensor, name: str = "weight") -> QTensor:
-        check_finite(w, name)
+    def __call__(self, w: torch.Tensor, name: str = "weight", check: bool = True) -> QTensor:
+        if check:
+            check_finite(w, name)
         w = w.detach().to(torch.float32)
         if self.symmetric:
             qmin, qmax = qrange(self.bits, signed=True)

@@ -36,14 +36,15 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> None:
     conv.bias = nn.Parameter(((b - mean) * inv + beta).to(conv.weight.dtype), requires_grad=False)
 
 
-def fold_batchnorm(model: nn.Module, example_input, inplace: bool = False) -> FoldResult:
-    """Fold every BN that directly follows a Conv2d. Returns the new model and the folded pairs."""
+def fold_batchnorm(model: nn.Module, example_input, inplace: bool = False, trace_result=None) -> FoldResult:
+    """Fold every BN that directly follows a Conv2d. Returns the new model and the folded pairs.
+    ``trace_result`` (a ``rex.trace.trace`` of this very model) saves the tracing pass."""
     import copy
 
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    res = trace(model, example_input)
+    res = trace_result if trace_result is not None else trace(model, example_input)
     out = FoldResult(model)
     for conv_name, bn_name in res.conv_bn:
         conv, bn = get_module(model, conv_name), get_module(model, bn_name)

@@ -18,6 +18,7 @@ rule train_model:
         reuse="--reuse-cache" if config.get("reuse_cached_models", True) else "",
     wildcard_constraints:
         model="|".join(TRAIN) or "no-model-is-trained-here",
+    priority: 50  # 30 jobs per model wait for it
     threads: config.get("train_threads", 2)
     resources:
         mem_mb=4000,
