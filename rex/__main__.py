@@ -1,15 +1,66 @@
 """Command line: ``python -m rex {quantize,methods,models,datasets,bench} ...``.
 
-Errors the user can fix (unknown names, bad bit-widths, missing data, corrupted checkpoints) are printed
-as one message and exit with status 2, never as a traceback.
+Errors the user can fix (unknown names, bad bit-widths, bad arguments, missing data, corrupted checkpoints)
+are printed as one line ``error: <what is wrong, what is accepted, how to fix>`` on stderr and exit with
+status 2, never as a traceback; nothing is written (``--json`` is written atomically, only on success).
+Library warnings (e.g. int32 overflow risk in mode=int) are printed as one line ``warning: ...``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``error: ...``, exit 2), not the usage block."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("allow_abbrev", False)  # --wbit must not silently mean --wbits
+        super().__init__(*args, **kw)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(what: str):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a positive integer, got {v!r}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be a positive integer (>= 1), got {n}")
+        return n
+
+    parse.__name__ = what
+    return parse
+
+
+def _int(what: str):
+    def parse(v: str) -> int:
+        try:
+            return int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {v!r}") from None
+
+    parse.__name__ = what
+    return parse
+
+
+def _float(what: str):
+    def parse(v: str) -> float:
+        try:
+            return float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {v!r}") from None
+
+    parse.__name__ = what
+    return parse
 
 
 def _budget(v: str):
@@ -30,19 +81,26 @@ def _bits(v: str):
         raise argparse.ArgumentTypeError(f"bit-width must be an integer in 2..16 (or 32/none for float), got {v!r}") from None
 
 
+def _wbits(v: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weight bit-width must be an integer in 2..16, got {v!r}") from None
+
+
 def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="rex")
-    p.add_argument("--wbits", type=int, default=4)
+    p.add_argument("--wbits", type=_wbits, default=4, help="weight bits per expansion term, 2..16")
     p.add_argument("--abits", type=_bits, default=8, help="activation bits, or 32/none for float")
-    p.add_argument("--order", "-K", type=int, default=1)
+    p.add_argument("--order", "-K", type=_int("order"), default=1, help="expansion order K >= 1")
     p.add_argument("--budget", type=_budget, default=None, help="BOPs ratio >= 1 (or absolute BOPs)")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "greedy"])
     p.add_argument("--granularity", default="per_channel", choices=["per_channel", "per_tensor"])
     p.add_argument("--asymmetric", action="store_true")
     p.add_argument("--mode", default="fake", choices=["fake", "int"])
     p.add_argument("--first-last", default="8bit", choices=["8bit", "same", "fp"])
-    p.add_argument("--act-sigma", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--act-sigma", type=_float("act-sigma"), default=None)
+    p.add_argument("--seed", type=_int("seed"), default=0, help="seed of every random draw (ZeroQ)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method-specific option")
 
 
@@ -58,7 +116,14 @@ def spec_from_args(a):
 
             raise ConfigError(f"--option expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
-        opts[k] = yaml.safe_load(v)
+        if not k:
+            from .errors import ConfigError
+
+            raise ConfigError(f"--option expects KEY=VALUE with a non-empty KEY, got {kv!r}")
+        try:
+            opts[k] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            opts[k] = v
     return QuantSpec(
         method=a.method, wbits=a.wbits, abits=a.abits, order=a.order, budget=a.budget, allocation=a.allocation,
         granularity=a.granularity, symmetric=not a.asymmetric, mode=a.mode, first_last=a.first_last,
@@ -81,16 +146,45 @@ def _fmt_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _write_json_atomic(path: Path, obj) -> None:
+    from .errors import ConfigError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write --json {path}: {exc.strerror or exc}; choose a writable path") from None
+
+
 def cmd_quantize(a) -> int:
     import torch
 
     import rex
+    from .errors import ConfigError
+    from .models import get_entry
     from .runner import classification_job
 
     torch.set_num_threads(a.threads)
-    spec = spec_from_args(a)
-    res = classification_job(a.model, spec, dataset=a.dataset if a.eval else None, limit=a.limit,
-                             batch_size=a.batch_size, progress=not a.quiet, keep_model=True)
+    spec = spec_from_args(a)  # validate everything before loading anything
+    entry = get_entry(a.model)
+    if entry.task != "classification":
+        raise ConfigError(f"`python -m rex quantize` runs classification models; {a.model} is a {entry.task} model "
+                          "(run it through the pipeline: python -m rex.pipeline.job ... evaluation=" + entry.task + ")")
+    dataset = a.dataset or (entry.default_dataset if a.eval else None)
+    if a.dataset and not a.eval:
+        a.eval = True  # --dataset implies --eval
+    if a.data_root and not dataset:
+        raise ConfigError("--data-root needs --eval (or --dataset): it is the folder of the evaluation set")
+    if a.weights is not None and not Path(a.weights).is_file():
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"--weights {a.weights}: no such file; give the path of a state_dict saved with "
+                              "torch.save(model.state_dict(), path)")
+    res = classification_job(a.model, spec, dataset=dataset, limit=a.limit, batch_size=a.batch_size,
+                             progress=not a.quiet, keep_model=True, dataset_root=a.data_root, weights=a.weights,
+                             threads=a.threads)
     qmodel = res.pop("qmodel")
     if not a.quiet:
         print(_fmt_table(rex.report(qmodel), ["name", "kind", "role", "wbits", "abits", "order", "densities",
@@ -101,8 +195,7 @@ def cmd_quantize(a) -> int:
         if k in res:
             print(f"{k:>20}: {res[k]}")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=2, default=str))
+        _write_json_atomic(Path(a.json), res)
     return 0
 
 
@@ -137,16 +230,18 @@ def cmd_bench(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rex", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = OneLineParser(prog="python -m rex", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
     q = sub.add_parser("quantize", help="quantize one model, print the per-layer table and BOPs, optionally evaluate")
     q.add_argument("--model", default="mobilenet_v2")
     add_spec_args(q)
+    q.add_argument("--weights", default=None, help="a state_dict file to load instead of the registered weights")
     q.add_argument("--eval", action="store_true", help="evaluate FP32 and quantized on the model's default dataset")
-    q.add_argument("--dataset", default=None)
-    q.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
-    q.add_argument("--batch-size", type=int, default=50)
-    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--dataset", default=None, help="evaluation set (implies --eval; default: the model's)")
+    q.add_argument("--data-root", default=None, help="folder of the evaluation set (default: the registry's)")
+    q.add_argument("--limit", type=_positive_int("limit"), default=None, help="evaluate on the first N images only")
+    q.add_argument("--batch-size", type=_positive_int("batch-size"), default=50)
+    q.add_argument("--threads", type=_positive_int("threads"), default=2)
     q.add_argument("--json", default=None, help="also write the results as JSON here")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(fn=cmd_quantize)
@@ -156,23 +251,41 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed / memory benchmark, writes a JSON+CSV file")
     b.add_argument("--models", default="mobilenet_v2,resnet20_fmnist")
     b.add_argument("--out", default="results/bench/bench.json")
-    b.add_argument("--limit", type=int, default=200)
-    b.add_argument("--batch-size", type=int, default=50)
-    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--limit", type=_positive_int("limit"), default=200)
+    b.add_argument("--batch-size", type=_positive_int("batch-size"), default=50)
+    b.add_argument("--threads", type=_positive_int("threads"), default=2)
     b.add_argument("--device", default="cpu")
     b.set_defaults(fn=cmd_bench)
     return p
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv=None) -> int:
-    from .errors import RexError
+    from .errors import RexError, RexWarning
 
     args = build_parser().parse_args(argv)
+    default_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RexWarning):
+            print(f"warning: {_one_line(message)}", file=sys.stderr)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         return args.fn(args)
     except RexError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = default_show
 
 
 if __name__ == "__main__":

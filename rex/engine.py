@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .cost import conv2d_macs, linear_macs
-from .errors import ConfigError, WeightError
+from .errors import ConfigError, Int32OverflowWarning, WeightError
 from .expansion import (
     LayerCost,
     allocate_greedy,
@@ -177,6 +178,7 @@ def quantize_model(
     if quantizer_factory is None:
         quantizer_factory = lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity)  # noqa: E731
     counts = _allocate(m, plans, spec, quantizer_factory)
+    layers: list[QuantLayer] = []
     for p in plans:
         if not p.quantize:
             continue
@@ -203,10 +205,30 @@ def quantize_model(
         layer.role = p.role
         layer.out_range = tr.output_range.get(p.name)
         set_module(m, p.name, layer)
+        layers.append(layer)
     info.plans = plans
     info.seconds = time.perf_counter() - t0
     unq = [p.name for p in plans if p.quantize and p.abits is None and spec.abits is not None]
     if unq:
         info.notes.append(f"inputs left in float (no data-free range): {', '.join(unq)}")
+    if spec.mode == "int":
+        note = int32_note(layers)
+        if note:
+            info.notes.append(note)
+            warnings.warn(note, Int32OverflowWarning, stacklevel=2)
     m.rex_info = info
     return m
+
+
+def int32_note(layers) -> str | None:
+    """None when every layer's int32 accumulation is safe, else a message naming the unsafe layers."""
+    unsafe = [(layer.layer_name, layer.accumulator_bound(), layer.wbits, layer.abits, layer.fan_in())
+              for layer in layers if not layer.int32_safe()]
+    if not unsafe:
+        return None
+    shown = "; ".join(f"{n} (W{w}A{a}, fan-in {f}: |acc| up to {b:.3g})" for n, b, w, a, f in unsafe[:8])
+    more = f"; and {len(unsafe) - 8} more" if len(unsafe) > 8 else ""
+    return (f"mode=int: int32 accumulation can overflow (bound > 2^31-1) in {len(unsafe)} layer(s): {shown}{more}. "
+            "The simulation here stays exact (wider accumulators), but an int32 kernel would not; use fewer "
+            "weight/activation bits for these layers (e.g. W8A8) or an int64 accumulator "
+            "(rex.report(qmodel) lists int32_safe per layer)")

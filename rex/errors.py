@@ -33,3 +33,15 @@ class CheckpointError(RexError):
 
 class WeightError(RexError, ValueError):
     """A weight tensor cannot be quantized (NaN or Inf values)."""
+
+
+class AccumulatorOverflowError(RexError, OverflowError):
+    """An integer accumulation is too wide to be simulated exactly (beyond 2^53)."""
+
+
+class RexWarning(UserWarning):
+    """Base class of the library's warnings (shown once per call site by Python's warnings machinery)."""
+
+
+class Int32OverflowWarning(RexWarning):
+    """mode='int': an int32 accumulator could overflow for some layers' bit-widths and fan-in."""

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,6 +24,31 @@ FLOAT_BITS = 32
 # per-tensor over many channels needs more headroom than a single Gaussian, hence the values below.
 DEFAULT_ACT_SIGMA = {2: 2.0, 3: 2.5, 4: 3.0, 5: 3.5, 6: 4.0, 7: 5.0}
 DEFAULT_ACT_SIGMA_HIGH = 6.0  # 8 bits and more
+
+
+# Method-specific ``options`` the built-in methods read (rex/methods/*.py). A key not listed for a listed
+# method is a typo that would otherwise be silently ignored; methods registered elsewhere are not checked
+# unless they declare their options with ``register_method_options``.
+METHOD_OPTIONS: dict[str, frozenset] = {
+    "rex": frozenset(),
+    "rtn": frozenset(),
+    "dfq": frozenset({"relu6", "equalize", "absorb", "absorb_padded", "bias_correct", "cle_iters", "cle_tol"}),
+    "rex_dfq": frozenset({"relu6", "equalize", "absorb", "absorb_padded", "bias_correct", "cle_iters", "cle_tol"}),
+    "squant": frozenset({"squant_stages"}),
+    "rex_squant": frozenset({"squant_stages"}),
+    "ocs": frozenset({"expand_ratio"}),
+    "zeroq": frozenset({"zeroq_batch", "zeroq_steps", "zeroq_lr", "zeroq_percentile"}),
+}
+
+
+def register_method_options(method: str, keys) -> None:
+    """Declare the ``options`` keys a method accepts (unknown keys then raise a ConfigError)."""
+    METHOD_OPTIONS[method] = frozenset(keys)
+
+
+def _did_you_mean(key: str, known) -> str:
+    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def default_act_sigma(abits: Optional[int]) -> float:
@@ -70,6 +97,9 @@ class QuantSpec:
     def __post_init__(self):
         from .methods import method_names
 
+        if not isinstance(self.method, str):
+            raise ConfigError(f"method must be a method name (a string), got {self.method!r}; known: "
+                              f"{', '.join(method_names())}")
         if self.method not in method_names():
             from .errors import UnknownNameError
 
@@ -82,8 +112,10 @@ class QuantSpec:
         if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
             raise ConfigError(f"order K must be an integer >= 1 (1 = plain quantization), got {self.order!r}")
         if self.budget is not None:
-            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget != self.budget:
-                raise ConfigError(f"budget must be a number >= 1 or None, got {self.budget!r}")
+            if (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
+                    or not math.isfinite(self.budget)):
+                raise ConfigError(f"budget must be a finite number >= 1 (a BOPs ratio, e.g. 1.5) or None (dense "
+                                  f"expansion), got {self.budget!r}")
             if self.budget < 1:
                 raise ConfigError(
                     f"budget must be >= 1 (a BOPs ratio relative to the plain W{self.wbits} model, 1.5 = half an "
@@ -93,14 +125,70 @@ class QuantSpec:
                 raise ConfigError(
                     f"budget={self.budget} needs order >= 2 (the budget pays for orders 2..K); set order=2 or more, or drop budget"
                 )
+            if self.budget <= 64 and self.budget > self.order:  # a ratio (larger numbers are absolute BOPs)
+                raise ConfigError(
+                    f"budget={self.budget:g} is unreachable with order={self.order}: K orders cost at most K x the "
+                    f"plain BOPs; raise order to >= {math.ceil(self.budget)} or lower budget to <= {self.order} "
+                    "(None = the dense expansion)"
+                )
         for key, allowed in (("allocation", ALLOCATIONS), ("granularity", GRANULARITIES), ("mode", MODES),
                              ("first_last", FIRST_LAST), ("criterion", CRITERIA)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if self.act_sigma is not None and not (self.act_sigma > 0):
-            raise ConfigError(f"act_sigma must be > 0, got {self.act_sigma!r}")
+        if self.act_sigma is not None and (isinstance(self.act_sigma, bool) or not isinstance(self.act_sigma, (int, float))
+                                           or not math.isfinite(self.act_sigma) or not self.act_sigma > 0):
+            raise ConfigError(f"act_sigma must be a finite number > 0 (n in beta + n|gamma|, e.g. 6) or None (by "
+                              f"bit-width), got {self.act_sigma!r}")
+        for key in ("symmetric", "fold_bn"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer >= 0 (it seeds every random draw, e.g. ZeroQ's distilled "
+                              f"data), got {self.seed!r}")
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must be a mapping, got {type(self.options).__name__}")
+        known = METHOD_OPTIONS.get(self.method)
+        if known is not None:
+            for key in self.options:
+                if key not in known:
+                    accepted = ", ".join(sorted(known)) if known else "none"
+                    raise ConfigError(f"method {self.method!r} has no option {key!r}{_did_you_mean(key, known)}; "
+                                      f"its options: {accepted}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSpec":
+        """A spec from a plain mapping (a config file, JSON): unknown keys are an error, not ignored."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a QuantSpec needs a mapping of settings, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k != "act_sigma_effective"}  # written by to_dict()
+        unknown = sorted(set(d) - names)
+        if unknown:
+            k = unknown[0]
+            raise ConfigError(f"unknown QuantSpec key {k!r}{_did_you_mean(k, names)}; accepted keys: "
+                              f"{', '.join(sorted(names))}")
+        return cls(**d)
+
+    @classmethod
+    def from_config(cls, method: dict, protocol: Optional[dict] = None) -> "QuantSpec":
+        """A spec from the pipeline's config groups: ``method`` (conf/method/*.yaml: name, wbits, abits, order,
+        budget, allocation, options) and ``protocol`` (conf/config.yaml: granularity, symmetric, mode,
+        first_last, act_sigma, criterion, fold_bn, seed). Unknown keys in either (e.g. a ``+method.bogus=1``
+        override, or a misspelt key) raise a ConfigError naming the key and the accepted ones."""
+        method, protocol = dict(method or {}), dict(protocol or {})
+        for group, d, known in (("method", method, METHOD_KEYS), ("protocol", protocol, PROTOCOL_KEYS)):
+            unknown = sorted(set(d) - set(known))
+            if unknown:
+                k = unknown[0]
+                raise ConfigError(f"unknown key {group}.{k}{_did_you_mean(k, known)}; accepted {group} keys: "
+                                  f"{', '.join(known)}")
+        if "name" not in method:
+            raise ConfigError("the method config has no 'name' (conf/method/<name>.yaml must set name: <method>)")
+        kw = {k: v for k, v in method.items() if k not in ("name", "display")}
+        kw["method"] = method["name"]
+        kw["options"] = dict(kw.get("options") or {})
+        kw.update(protocol)
+        return cls(**kw)
 
     @property
     def sigma(self) -> float:
@@ -126,3 +214,8 @@ class QuantSpec:
             if self.allocation != "uniform":
                 parts.append(f"alloc={self.allocation}")
         return ",".join(parts)
+
+
+# keys of the pipeline's config groups that map onto QuantSpec fields (``QuantSpec.from_config``)
+METHOD_KEYS = ("name", "display", "wbits", "abits", "order", "budget", "allocation", "options")
+PROTOCOL_KEYS = ("granularity", "symmetric", "mode", "first_last", "act_sigma", "criterion", "fold_bn", "seed")

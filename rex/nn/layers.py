@@ -154,6 +154,8 @@ class QuantLayer(nn.Module):
         return self.fan_in() * qw * qx
 
     def int32_safe(self) -> bool:
+        """True when no int32 accumulator of this layer can overflow (|sum| <= 2^31 - 1) for any input; a
+        layer whose input stays float has no integer accumulator and is safe."""
         b = self.accumulator_bound()
         return b < 0 or b < 2**31
 
@@ -220,7 +222,12 @@ class QuantLayer(nn.Module):
             fan = self.fan_in()
             qw_max = max(int(w.abs().max()) for w, _ in terms)
             if qx_max is not None and fan * qw_max * qx_max >= 2**53:
-                raise OverflowError(f"{self.layer_name}: integer accumulation exceeds 2^53, cannot be simulated exactly")
+                from ..errors import AccumulatorOverflowError
+
+                raise AccumulatorOverflowError(
+                    f"layer {self.layer_name}: the integer accumulation can reach fan_in {fan} x |q_w| {qw_max} x "
+                    f"|q_x| {qx_max} >= 2^53 and cannot be simulated exactly; use fewer weight / activation bits for "
+                    "this layer or mode='fake'")
             if qx_max is not None and fan * qw_max * qx_max < 2**24:
                 accs = self._stacked_call(qx.float(), [w for w, _ in terms])
                 accs = [a.double() for a in accs]

@@ -235,6 +235,11 @@ def write_plot(summary: Path, jobs: Path, task: str, model: str, out: Path) -> P
         if dense:
             ax.plot([float(r["bops"]) / 1e9 for r in dense], [float(r["values"][primary]) for r in dense], "o-",
                     color=c, label=method_display(meth), ms=4, lw=1)
+            for r in dense:
+                k = "" if int(r["order"]) == 1 else f" K{int(r['order'])}"
+                ax.annotate(f"W{int(r['wbits'])}A{int(r['abits'])}{k}",
+                            (float(r["bops"]) / 1e9, float(r["values"][primary])), fontsize=5, alpha=0.6,
+                            color=c, xytext=(2, -6), textcoords="offset points")
         if budg:
             ax.scatter([float(r["bops"]) / 1e9 for r in budg], [float(r["values"][primary]) for r in budg],
                        marker="^" if "-" in meth else "x", color=c, s=30, zorder=3,
@@ -249,6 +254,12 @@ def write_plot(summary: Path, jobs: Path, task: str, model: str, out: Path) -> P
         ax.scatter([x], [y], marker="*", s=90, color="k", zorder=4, label="FP32")
         ax.axhline(y, color="k", ls=":", lw=0.8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs="auto"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.set_xlabel("G-BOPs (log scale)")
     ax.set_ylabel(METRIC_DISPLAY.get(primary, primary))
     first = j.iloc[0] if len(j) else None
