@@ -13,8 +13,12 @@
 #   --slurm-status-command squeue   accounting is off (no slurmdbd), so sacct knows no jobs; squeue is reliable
 #                                   because slurm_local.sh sets MinJobAge=3600
 #   --slurm-no-account              no accounts without accounting
-#   --set-threads quantize_evaluate=1 train_model=1   the profile asks 4 CPUs per job; a small node may have 2
-#   --slurm-init-seconds-before-status-checks 5       small jobs: poll early (default 40 s)
+#   --set-threads quantize_evaluate=J train_model=T   J, T = the grid's job_threads / train_threads, as in the
+#                                   local run: the profile's 4 threads per job would not fit a 2-CPU node, and
+#                                   training with another thread count gives another model (float reductions
+#                                   are summed in another order), so the tables could not be compared
+#   --slurm-init-seconds-before-status-checks 2, --groups ...=post   small jobs: poll early (default 40 s) and
+#                                   run the post-processing rules (summary, tables, plots, report) as one job
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
@@ -26,6 +30,14 @@ WORK=$(cd "$WORK" && pwd)
 GRID=${GRID:-conf/grid/smoke.yaml}
 CORES=${CORES:-2}
 
+read -r JT TT < <("$PY" - "$GRID" <<'PY'
+import sys, yaml
+d = yaml.safe_load(open("conf/grid/default.yaml"))
+d.update(yaml.safe_load(open(sys.argv[1])))
+print(d.get("job_threads", 1), d.get("train_threads", 2))
+PY
+)
+
 if ! sinfo -h >/dev/null 2>&1; then
   bash workflow/scripts/slurm_local.sh start
 fi
@@ -36,14 +48,15 @@ t0=$(date +%s)
 set +e
 "$PY" -m snakemake --profile workflow/profiles/slurm --configfile "$GRID" \
   --config results_dir="$WORK/slurm" \
-  --slurm-status-command squeue --slurm-no-account --slurm-init-seconds-before-status-checks 5 \
-  --seconds-between-status-checks 5 --set-threads quantize_evaluate=1 train_model=1 --jobs 4 \
+  --slurm-status-command squeue --slurm-no-account --slurm-init-seconds-before-status-checks 2 \
+  --seconds-between-status-checks 2 --set-threads quantize_evaluate="$JT" train_model="$TT" --jobs 4 \
+  --groups aggregate=post table=post plot=post report=post \
   --latency-wait 30 --retries 0 >"$WORK/slurm.log" 2>&1
 rc_slurm=$?
 set -e
 t1=$(date +%s)
 ids=$(grep -oE "SLURM jobid [0-9]+" "$WORK/slurm.log" | awk '{print $3}' | sort -n | uniq | paste -sd, - || true)
-echo "snakemake exit $rc_slurm after $((t1 - t0)) s; SLURM job ids: ${ids:-none}"
+echo "snakemake exit $rc_slurm after $((t1 - t0)) s (threads: jobs $JT, training $TT); SLURM job ids: ${ids:-none}"
 if [ -n "$ids" ]; then
   squeue -h --states=all -j "$ids" -o "%.8i %.24j %.10T %.8M %N" 2>/dev/null || true
 fi
