@@ -17,8 +17,7 @@
 #                                   local run: the profile's 4 threads per job would not fit a 2-CPU node, and
 #                                   training with another thread count gives another model (float reductions
 #                                   are summed in another order), so the tables could not be compared
-#   --slurm-init-seconds-before-status-checks 2, --groups ...=post   small jobs: poll early (default 40 s) and
-#                                   run the post-processing rules (summary, tables, plots, report) as one job
+#   --slurm-init-seconds-before-status-checks 2      small jobs: poll early (default 40 s)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
@@ -50,7 +49,6 @@ set +e
   --config results_dir="$WORK/slurm" \
   --slurm-status-command squeue --slurm-no-account --slurm-init-seconds-before-status-checks 2 \
   --seconds-between-status-checks 2 --set-threads quantize_evaluate="$JT" train_model="$TT" --jobs 4 \
-  --groups aggregate=post table=post plot=post report=post \
   --latency-wait 30 --retries 0 >"$WORK/slurm.log" 2>&1
 rc_slurm=$?
 set -e
