@@ -31,7 +31,9 @@ from torch import nn
 from . import paths
 from .errors import ConfigError, RexError
 
-# Default recipes (measured on 2 shared CPU cores, see the module docstring of rex.models.small).
+# Default recipes. Measured (seed 0, 2 threads, torch 2.14.1): resnet20_fmnist 3 epochs -> 91.45 % test
+# (~80 s/epoch on 2 idle cores, ~4 CPU-min in all); mobilenetv2_fmnist 3 epochs -> 90.45 %. Wall time
+# grows several-fold on a loaded machine (it took 31 / 71 min here with load ~8 on 2 cores).
 RECIPES = {
     "resnet20_fmnist": dict(epochs=3, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=5e-4),
     "mobilenetv2_fmnist": dict(epochs=3, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=4e-5),

@@ -187,7 +187,10 @@ def main(argv=None) -> int:
         for e in pub:
             lines.append(f"| {e['method']} | {e.get('variant', '')} | W{e['wbits']}A{e['abits']} | {e.get('fp32_top1', '')} | "
                          f"{e['top1']} | {e.get('weights', '')} | {e['source']} |")
-    lines += ["", f"Total wall time of this run (cached rows excluded): {time.perf_counter() - t_all:.0f} s.", ""]
+    rows = [fp] + list(grid.values()) + list(pt.values())
+    lines += ["", f"Compute: {sum(r.get('wall_seconds', 0) for r in rows) / 60:.0f} min summed over the "
+              f"{len(rows)} configurations (quantize + evaluate, when each was run); this invocation "
+              f"{time.perf_counter() - t_all:.0f} s (configurations already in `{cache_path.name}` are reused).", ""]
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
     return 0

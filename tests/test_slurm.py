@@ -1,0 +1,87 @@
+"""The pipeline on a real SLURM cluster (snakemake-executor-plugin-slurm).
+
+- ``test_remote_job_spec_round_trip`` (fast, no cluster): a cluster job runs ``snakemake --target-jobs
+  rule:task=..,model=..,label=..``; Snakemake 9 splits that on every comma, and our job labels hold commas
+  (method=rex,w=4,...). The workflow must rebuild the label (workflow/rules/common.smk), or every
+  quantize_evaluate job fails on SLURM.
+- ``test_smoke_grid_on_slurm_matches_local`` (slow): ``workflow/scripts/slurm_smoke.sh`` runs the smoke grid
+  through ``--profile workflow/profiles/slurm`` into one temporary results folder and locally into another,
+  and requires identical summary.csv files. Runs when ``sinfo`` answers; with ``REX_TEST_SLURM=1`` (as root)
+  the fixture first starts a one-node cluster with ``workflow/scripts/slurm_local.sh start`` (apt-installs
+  slurm-wlm + munge when missing). Otherwise skipped: it takes 4-6 minutes on 2 cores, more than CI should
+  spend on it by default.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from rex.paths import PROJECT_ROOT
+
+ROOT = PROJECT_ROOT
+
+
+def _sinfo_ok() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if _sinfo_ok():
+        return True
+    if os.environ.get("REX_TEST_SLURM") == "1" and hasattr(os, "geteuid") and os.geteuid() == 0:
+        r = subprocess.run(["bash", "workflow/scripts/slurm_local.sh", "start"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=1200)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert _sinfo_ok()
+        return True
+    pytest.skip("no SLURM cluster (sinfo does not answer); REX_TEST_SLURM=1 starts a local one "
+                "(root: bash workflow/scripts/slurm_local.sh start)")
+
+
+@pytest.mark.xfail(reason="needs the --target-jobs label repair in workflow/rules/common.smk (pipeline engineer)",
+                   strict=False)
+def test_remote_job_spec_round_trip(tmp_path):
+    """What a cluster job runs: the job spec Snakemake encodes for one quantize_evaluate job must select that job."""
+    from snakemake_interface_executor_plugins.utils import TargetSpec, encode_target_jobs_cli_args
+
+    label = "method=rex,w=4,a=8,K=2,budget=1.5"
+    results = tmp_path / "results"
+    for f in ("models/resnet20_fmnist/model.pt", "runs/classification/resnet20_fmnist/method=fp32,w=32,a=32,K=1/done"):
+        (results / f).parent.mkdir(parents=True, exist_ok=True)  # the job's inputs, as on the cluster
+        (results / f).write_text("x")
+    spec = encode_target_jobs_cli_args([TargetSpec("quantize_evaluate", {
+        "task": "classification", "model": "resnet20_fmnist", "label": label})])
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--nolock",
+                        "--configfile", str(ROOT / "conf/grid/smoke.yaml"),
+                        "--config", f"results_dir={results}",
+                        "--target-jobs", *spec, "--allowed-rules", "quantize_evaluate"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert f"label={label}" in out, out[-3000:]
+    assert not (results / "runs/classification/resnet20_fmnist" / label).exists()  # a dry run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)
+def test_smoke_grid_on_slurm_matches_local(slurm_cluster, tmp_path):
+    work = tmp_path / "work"
+    r = subprocess.run(["bash", "workflow/scripts/slurm_smoke.sh", str(work)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=2600)
+    out = r.stdout + r.stderr
+    verdict = json.loads((work / "verdict.json").read_text()) if (work / "verdict.json").exists() else {}
+    assert r.returncode == 0, out[-4000:]
+    assert verdict["slurm_exit"] == 0 and verdict["local_exit"] == 0
+    assert verdict["slurm_jobs"] >= 5  # train, 3 quantize/evaluate jobs, aggregate, tables, plot, report
+    assert verdict["identical"] and verdict["summary_rows"] == 12 and verdict["failed_rows"] == 0
