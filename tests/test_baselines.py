@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rex
-from rex.methods import get_method, list_methods
+from rex.methods import list_methods
 from rex.nn import QuantLayer
 from rex.quant import WeightQuantizer
 from rex.quant.squant import make_squant_rounding, rounding_sums, squant_round
@@ -329,9 +329,16 @@ def test_squant_plugs_into_the_operator_at_every_order(tiny):
     with torch.no_grad():
         assert torch.equal(q1(X), qs(X))
     lay = q.get_submodule("b1.expand.0")
-    assert lay.order == 3
-    # each order's residual is SQuant-rounded: per output channel the summed error of the last term <= s/2
-    assert q.rex_info.extra["rounding"] == "squant-ekc"
+    assert lay.order == 3 and q.rex_info.extra["rounding"] == "squant-ekc"
+    # every order is SQuant-rounded: per output channel, the summed rounding error of each term <= 1/2 step
+    w = _folded(tiny)[0].get_submodule("b1.expand.0").weight.detach()
+    residual = w.clone()
+    for k in range(3):
+        qk, sk = lay.term(k)[0].float(), lay.term(k)[1]
+        x = residual / sk.view(-1, 1, 1, 1)
+        assert rounding_sums(qk, x)["channel"] <= 0.5 + 1e-4, k
+        assert rounding_sums(torch.round(x), x)["channel"] > 0.5  # RTN would not satisfy it
+        residual = residual - qk * sk.view(-1, 1, 1, 1)
 
 
 def test_rex_squant_honours_the_budget(tiny):

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -214,9 +213,7 @@ def find_pairs(model: nn.Module, example_input, allow_relu6: bool = True) -> lis
                 has_relu = True
             elif nxt.op in HOMOGENEOUS and _channel_dims_ok(nxt):
                 if nxt.op not in SHIFT_COMMUTING:
-                    shift_ok = False
-                if nxt.op == "avg_pool2d":
-                    shift_ok = False
+                    shift_ok = False  # e.g. zero padding, avg_pool2d counting the padded border
             else:
                 break
             path.append(nxt.op)

@@ -139,8 +139,9 @@ def main(argv=None) -> int:
         "symmetric per-output-channel weights; activations per tensor with data-free ranges from the folded BN "
         "statistics (beta + n|gamma|, n by bit-width) except ZeroQ, whose ranges come from its distilled data; "
         "the network input range from the preprocessing. BOPs per image (MACs x b_w x b_a x sum of kept densities, "
-        "float layers 32x32), recomputed from the quantized model. Top-1 on the bundled sample (one image per class): "
-        f"{n} images, so one image is {100 / max(1, n or 1):.1f} points; agreement = % of images with the FP32 top-1 class.",
+        "float layers 32x32), recomputed from the quantized model. Top-1 in percent on "
+        f"`{args.dataset}` ({n} images, so one image is {100 / max(1, n or 1):.2g} points); agreement = % of images "
+        "with the FP32 top-1 class.",
         "",
         f"FP32: top-1 **{_fmt(fp.get('top1'))}**, {fp.get('bops', 0) / 1e9:.1f} GBOPs.",
         "",
