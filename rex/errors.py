@@ -45,3 +45,21 @@ class RexWarning(UserWarning):
 
 class Int32OverflowWarning(RexWarning):
     """mode='int': an int32 accumulator could overflow for some layers' bit-widths and fan-in."""
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """A one-line reason for a failed ``torch.load(weights_only=True)``, without torch's advice to retry with
+    ``weights_only=False`` (which would execute whatever the file's pickle asks for)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        glob = next((ln for ln in lines if "GLOBAL" in ln), None)
+        if glob is not None:
+            return (f"it holds pickled Python objects ({glob.rstrip('.')}), which weights_only loading refuses "
+                    "to unpickle because unpickling them could run arbitrary code; only a plain state_dict "
+                    "(torch.save(model.state_dict(), path)) is accepted, from a source you trust")
+        detail = next((ln for ln in lines if ln.lower().startswith(("unsupported", "weightsunpickler error"))
+                       and not ln.endswith(":")), "")
+        return f"not a PyTorch tensor file ({detail or 'unreadable pickle stream'})"
+    first = text.splitlines()[0][:200] if text else ""
+    return f"{type(exc).__name__}: {first}"

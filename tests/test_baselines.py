@@ -451,7 +451,7 @@ def mnv2_data(mobilenet_v2):
 
 
 def test_dfq_rescues_per_tensor_mobilenet_v2(mnv2_data):
-    """Per-tensor weight scales: the folded depthwise layers' channel ranges differ by up to 1000x, plain RTN
+    """Per-tensor weight scales: the folded depthwise layers' channel ranges differ by up to ~2000x, plain RTN
     collapses at W6A8, equalization brings the model back near FP32 (measured on 1000 images: see
     results/tables/baselines_mobilenet_v2.md)."""
     run, fp_top1 = mnv2_data

@@ -93,6 +93,9 @@ def load_arrays(split: str = "test", root: Optional[os.PathLike] = None) -> Tupl
     labels = read_idx(labs_p)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetError(f"Fashion-MNIST {split}: images {images.shape} and labels {labels.shape} do not match")
+    if len(labels) == 0:
+        raise DatasetError(f"Fashion-MNIST {split}: {imgs_p} holds no images (an empty dataset); reinstall "
+                           "dataset-fashion-mnist or point REX_FMNIST_ROOT (or root=) at the full IDX files")
     if labels.max() > 9:
         raise DatasetError(f"{labs_p}: labels outside 0..9")
     return (torch.from_numpy(images.copy()).unsqueeze(1),

@@ -222,7 +222,9 @@ def load_checkpoint(path: PathLike, sha256: Optional[str] = None, *, what: str =
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # pickle / zip / EOF errors from a truncated or foreign file
-        raise CheckpointError(f"cannot read {what} {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): "
+        from ..errors import describe_load_error
+
+        raise CheckpointError(f"cannot read {what} {path} ({describe_load_error(exc)}): "
                               f"the file is truncated, corrupted or not a PyTorch state_dict; {fix}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

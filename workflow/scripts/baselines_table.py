@@ -127,6 +127,7 @@ def main(argv=None) -> int:
             pt[(lab, w, a)] = run_one(args.model, spec, args.dataset, args.limit, cache, cache_path, args.fresh)
 
     n = fp.get("n")
+    nd = 2 if (n or 0) >= 5000 else 1  # accuracy digits: one image is 0.01 points on 10,000 images
     lines = [
         f"# Data-free baselines on {args.model} ({args.dataset}, {n} images)",
         "",
@@ -143,17 +144,17 @@ def main(argv=None) -> int:
         f"`{args.dataset}` ({n} images, so one image is {100 / max(1, n or 1):.2g} points); agreement = % of images "
         "with the FP32 top-1 class.",
         "",
-        f"FP32: top-1 **{_fmt(fp.get('top1'))}**, {fp.get('bops', 0) / 1e9:.1f} GBOPs.",
+        f"FP32: top-1 **{_fmt(fp.get('top1'), nd)}**, {fp.get('bops', 0) / 1e9:.1f} GBOPs.",
         "",
     ]
     head = "| Method | " + " | ".join(f"W{w}A{a} top-1 | W{w}A{a} GBOPs" for w, a in settings) + " |"
     lines += [head, "|" + "---|" * (1 + 2 * len(settings))]
-    lines.append("| FP32 | " + " | ".join(f"{_fmt(fp.get('top1'))} | {fp.get('bops', 0) / 1e9:.1f}" for _ in settings) + " |")
+    lines.append("| FP32 | " + " | ".join(f"{_fmt(fp.get('top1'), nd)} | {fp.get('bops', 0) / 1e9:.1f}" for _ in settings) + " |")
     for lab in labels:
         cells = []
         for w, a in settings:
             r = grid[(lab, w, a)]
-            cells.append(f"{_fmt(r.get('top1'))} | {r.get('bops', 0) / 1e9:.2f}")
+            cells.append(f"{_fmt(r.get('top1'), nd)} | {r.get('bops', 0) / 1e9:.2f}")
         lines.append(f"| {METHODS[lab][0]} | " + " | ".join(cells) + " |")
     lines += ["", "Details (agreement with FP32, BOPs relative to RTN at the same W/A, quantization time):", "",
               "| W/A | Method | top-1 | top-5 | agreement | BOPs vs RTN | quant s | notes |", "|---|---|---|---|---|---|---|---|"]
@@ -172,14 +173,14 @@ def main(argv=None) -> int:
                 d = ex["dfq"]
                 note.append(f"{d['pairs']} pairs, {d['absorbed']} absorbed, {d['bias_corrected']} biases corrected")
             ratio = None if not base else r.get("bops", 0) / base
-            lines.append(f"| W{w}A{a} | {METHODS[lab][0]} | {_fmt(r.get('top1'))} | {_fmt(r.get('top5'))} | {_fmt(r.get('agreement'))} | "
+            lines.append(f"| W{w}A{a} | {METHODS[lab][0]} | {_fmt(r.get('top1'), nd)} | {_fmt(r.get('top5'), nd)} | {_fmt(r.get('agreement'), nd)} | "
                          f"{_fmt(ratio, 3)} | {_fmt(r.get('quant_seconds'), 1)} | {'; '.join(note)} |")
     if pt:
         lines += ["", "## Per-tensor weights (the DFQ setting)", "",
                   "Same protocol with `granularity=per_tensor` (one weight scale per layer).", "",
                   "| W/A | Method | top-1 | agreement | GBOPs |", "|---|---|---|---|---|"]
         for (lab, w, a), r in pt.items():
-            lines.append(f"| W{w}A{a} | {lab} | {_fmt(r.get('top1'))} | {_fmt(r.get('agreement'))} | {r.get('bops', 0) / 1e9:.2f} |")
+            lines.append(f"| W{w}A{a} | {lab} | {_fmt(r.get('top1'), nd)} | {_fmt(r.get('agreement'), nd)} | {r.get('bops', 0) / 1e9:.2f} |")
     pub = load_published(model=args.model)
     if pub:
         lines += ["", "## Published numbers (other protocols, for reference only)", "",
