@@ -47,12 +47,31 @@ def test_mobilenet_v2_floors(setup):
 
 @pytest.mark.slow
 def test_integer_exact_matches_fake_on_real_images(setup):
+    """method.md §6: integer-exact agrees with fake-quant within one output step. Layer by layer (same
+    input to both modes) the difference must stay below one step of an 8-bit grid over the layer's
+    output; end to end, rare rounding flips cascade through 50 layers, so the check there is top-1."""
+    from rex.nn import QuantLayer
+
     b, ds, _ = setup
-    x = torch.stack([ds[i][0] for i in range(16)])
+    x = torch.stack([ds[i][0] for i in range(8)])
     spec = rex.QuantSpec(wbits=4, abits=8, order=2)
     kw = dict(example_input=torch.zeros(1, 3, 224, 224), input_range=input_range_from_preprocess(b.entry.preprocess))
-    fake = rex.quantize(b.model, spec, **kw)(x)
-    exact = rex.quantize(b.model, spec.replace(mode="int"), **kw)(x)
-    assert (fake.argmax(1) == exact.argmax(1)).float().mean() >= 0.9
-    step = fake.abs().max() / 127
-    assert (fake - exact).abs().max() <= 3 * step
+    fake = rex.quantize(b.model, spec, **kw)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0]))
+             for n, m in fake.named_modules() if isinstance(m, QuantLayer)]
+    yf = fake(x)
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == 53
+    with torch.no_grad():
+        for name, inp in inputs.items():
+            layer = fake.get_submodule(name)
+            a = layer(inp)
+            layer.mode = "int"
+            c = layer(inp)
+            layer.mode = "fake"
+            step = a.abs().max() / 255
+            assert (a - c).abs().max() <= step, name
+    exact = rex.quantize(b.model, spec.replace(mode="int"), **kw)
+    assert (yf.argmax(1) == exact(x).argmax(1)).float().mean() >= 0.875
