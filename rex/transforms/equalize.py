@@ -41,20 +41,7 @@ SHIFT_COMMUTING = {"relu", "dropout", "max_pool2d", "max_pool1d", "adaptive_max_
 WEIGHT_OPS = {"conv2d", "linear", "conv1d"}
 
 
-def _name(func) -> str:
-    n = getattr(func, "__name__", None) or str(func)
-    return n.rstrip("_") if n.endswith("_") and not n.startswith("__") else n
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
+from ..trace import _name, _tensors  # noqa: E402  (one op-naming rule for every tracer)
 
 
 @dataclass
