@@ -27,6 +27,19 @@ def snakemake(*args, timeout=900):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def job_stats(out: str) -> dict:
+    """The first 'Job stats' table of a Snakemake run / dry run -> {rule: count}."""
+    lines = out.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith("Job stats"))
+    stats = {}
+    for ln in lines[i + 3:]:
+        parts = ln.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        stats[parts[0]] = int(parts[1])
+    return stats
+
+
 def merged_config(grid_file: Path, **overrides) -> dict:
     """What Snakemake's config is: default.yaml, updated by the grid file, then by --config."""
     def update(a, b):
@@ -94,9 +107,45 @@ def test_dry_run_every_grid(grid_file, tmp_path):
     cfg = merged_config(grid_file, results_dir=str(tmp_path / "results"))
     n_jobs = len(gridlib.expand(cfg, ROOT))
     out = r.stdout + r.stderr
-    line = next(ln for ln in out.splitlines() if ln.strip().startswith("quantize_evaluate"))
-    assert int(line.split()[-1]) == n_jobs
+    stats = job_stats(out)
+    # quantize_evaluate, _budget, _alloc: one rule per label shape
+    assert sum(v for k, v in stats.items() if k.startswith("quantize_evaluate")) == n_jobs, stats
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("label", ["method=rtn,w=8,a=8,K=1", "method=rex,w=4,a=8,K=2,budget=1.5",
+                                   "method=rex,w=4,a=4,K=2,budget=1.5,alloc=greedy"])
+def test_cluster_job_spec_selects_its_job(label, tmp_path):
+    """A cluster job (SLURM executor) re-selects its job with `--target-jobs rule:k=v,...`, which Snakemake 9 splits
+    on every comma: the job rules' wildcards must hold no comma, and the spec must select exactly that job."""
+    from snakemake_interface_executor_plugins.utils import TargetSpec, encode_target_jobs_cli_args
+
+    p = gridlib.parse_label(label)
+    wc = {"task": "classification", "model": "resnet20_fmnist", "method": p["method"], "w": str(p["wbits"]),
+          "a": str(p["abits"]), "K": str(p["order"])}
+    rule = "quantize_evaluate"
+    if p["budget"] is not None:
+        wc["budget"], rule = f"{p['budget']:g}", "quantize_evaluate_budget"
+    if p["allocation"] != "uniform":
+        wc["alloc"], rule = p["allocation"], "quantize_evaluate_alloc"
+    assert not any("," in v for v in wc.values())
+    results = tmp_path / "results"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "name": "cluster", "models": [{"model": "resnet20_fmnist", "dataset": "fashion_mnist", "limit": 10}],
+        "methods": [{"method": "rtn", "bits": [[8, 8]]},
+                    {"method": "rex", "bits": [[4, 8], [4, 4]], "orders": [2], "budgets": [1.5]},
+                    {"method": "rex", "bits": [[4, 4]], "orders": [2], "budgets": [1.5], "allocation": "greedy"}]}))
+    for f in ("models/resnet20_fmnist/model.pt", "runs/classification/resnet20_fmnist/method=fp32,w=32,a=32,K=1/done"):
+        (results / f).parent.mkdir(parents=True, exist_ok=True)  # the job's inputs, present on the cluster
+        (results / f).write_text("x")
+    spec = encode_target_jobs_cli_args([TargetSpec(rule, wc)])
+    r = snakemake("-n", "--cores", "1", "--nolock", "--configfile", str(grid_file), "--config",
+                  f"results_dir={results}", "--target-jobs", *spec, "--allowed-rules", rule, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert f"runs/classification/resnet20_fmnist/{label}/done" in out
+    assert job_stats(out) == {rule: 1}
 
 
 # ------------------------------------------------------------------------------------ job folder contract

@@ -8,6 +8,7 @@ from pathlib import Path
 
 PROJECT = Path(workflow.basedir)
 
+
 def _load_grid_module():
     import importlib.util
 
@@ -34,14 +35,35 @@ _PYBIN = os.path.dirname(config.get("python") or sys.executable)
 shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(_PYBIN)}:\"$PATH\"; ")
 
 
+# A job folder is <label> = method=..,w=..,a=..,K=..[,budget=..[,alloc=..]] (QuantSpec.label()). The job rules
+# spell the label's parts as separate wildcards, none holding a comma: a cluster job selects its job with
+# `--target-jobs rule:k=v,k=v`, which Snakemake 9 splits on every comma (a `label` wildcard would arrive cut).
 wildcard_constraints:
     task="|".join(grid.TASKS),
     model=grid.NAME_RE,
     label=grid.LABEL_RE,
+    method=r"[A-Za-z0-9_]+",
+    w=r"\d+",
+    a=r"\d+",
+    K=r"\d+",
+    budget=r"[0-9.e+]+",
+    alloc=r"[a-z_]+",
+
+
+def label_of(wildcards):
+    """The job folder name from the job rule's wildcards (or a rule's `label` wildcard)."""
+    if "label" in wildcards.keys():
+        return wildcards.label
+    label = f"method={wildcards.method},w={wildcards.w},a={wildcards.a},K={wildcards.K}"
+    if "budget" in wildcards.keys():
+        label += f",budget={wildcards.budget}"
+    if "alloc" in wildcards.keys():
+        label += f",alloc={wildcards.alloc}"
+    return label
 
 
 def job_of(wildcards):
-    key = f"{R}/runs/{wildcards.task}/{wildcards.model}/{wildcards.label}"
+    key = f"{R}/runs/{wildcards.task}/{wildcards.model}/{label_of(wildcards)}"
     if key not in JOB_BY_DIR:
         raise ValueError(f"{key} is not a job of grid {GRID_NAME!r} (see conf/grid/)")
     return JOB_BY_DIR[key]

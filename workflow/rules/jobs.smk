@@ -3,15 +3,17 @@
 # atomically. A failed configuration exits 0 with FAILED.json (the tables show it); `done` is written last.
 # MLflow logging is a separate rule (aggregate.smk): the tracking store never appears in a job's params, so
 # neither it nor the MLflow state can make Snakemake re-run a job.
+# Three rules, one per label shape (plain, with budget, with budget and allocation), so that no wildcard
+# value holds a comma (see common.smk); all three run the same command.
 
 
 rule quantize_evaluate:
     input:
         unpack(job_inputs),
     output:
-        done=f"{R}/runs/{{task}}/{{model}}/{{label}}/done",
+        done=f"{R}/runs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}}/done",
     log:
-        f"{R}/logs/{{task}}/{{model}}/{{label}}.log",
+        f"{R}/logs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}}.log",
     params:
         out=lambda wildcards, output: os.path.dirname(output.done),
         overrides=lambda wildcards: grid.quote_overrides(job_of(wildcards)["overrides"]),
@@ -22,3 +24,17 @@ rule quantize_evaluate:
         cpus_per_task=lambda wildcards, threads: threads,
     shell:
         "python -m rex.pipeline.job --out {params.out:q} --threads {threads} --no-mlflow {params.overrides} > {log:q} 2>&1"
+
+
+use rule quantize_evaluate as quantize_evaluate_budget with:
+    output:
+        done=f"{R}/runs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},budget={{budget}}/done",
+    log:
+        f"{R}/logs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},budget={{budget}}.log",
+
+
+use rule quantize_evaluate as quantize_evaluate_alloc with:
+    output:
+        done=f"{R}/runs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},budget={{budget}},alloc={{alloc}}/done",
+    log:
+        f"{R}/logs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},budget={{budget}},alloc={{alloc}}.log",
