@@ -468,7 +468,7 @@ JOB_CASES = {
     "malicious pickle": (["model.weights={evil}"], "CheckpointError", ("state_dict",)),
     "unreadable dataset files": (["dataset.root={fm_garbage}"], "DatasetError", ("not a uint8 IDX file",)),
 }
-PENDING_JOB_CASES = {  # need rex/pipeline/job.py to validate (pipeline engineer): listed in the report
+APPENDED_KEY_CASES = {  # keys Hydra lets through (appended with +) and run / evaluation values
     "appended unknown method key": (["+method.bogus=1"], "ConfigError", ("method.bogus",)),
     "appended unknown protocol key": (["+protocol.mdoe=int"], "ConfigError", ("protocol.mdoe", "did you mean 'mode'")),
     "batch_size 0": (["evaluation.batch_size=0"], "ConfigError", ("batch_size",)),
@@ -518,12 +518,9 @@ def test_job_bad_input(bad, tmp_path, case):
     assert_failed_record(out, rec, etype, needles)
 
 
-@pytest.mark.parametrize("case", list(PENDING_JOB_CASES))
-@pytest.mark.xfail(reason="rex/pipeline/job.py accepts appended (+key) config keys and falls back on bad "
-                          "evaluation/run values silently; needs QuantSpec.from_config + checks (pipeline engineer)",
-                   strict=False)
-def test_job_bad_input_pending(bad, tmp_path, case):
-    extra, etype, needles = PENDING_JOB_CASES[case]
+@pytest.mark.parametrize("case", list(APPENDED_KEY_CASES))
+def test_job_bad_input_appended_keys(bad, tmp_path, case):
+    extra, etype, needles = APPENDED_KEY_CASES[case]
     out, rec = run_job(bad, tmp_path, extra)
     assert_failed_record(out, rec, etype, needles)
 
@@ -579,10 +576,7 @@ def test_grid_bad_input(tmp_path, case, mutate, needles):
     ("bit-width out of range", lambda c: c["methods"][0].update(bits=[[17, 8]]), ("17",)),
     ("unknown top-level key", lambda c: c.update(reslts_dir="/tmp/x"), ("reslts_dir",)),
 ])
-@pytest.mark.xfail(reason="the grid accepts unknown methods / bit-widths / top-level keys at DAG time (each job "
-                          "then fails); needs rex/pipeline/grid.py + workflow/schemas checks (pipeline engineer)",
-                   strict=False)
-def test_grid_bad_input_pending(tmp_path, case, mutate, needles):
+def test_grid_bad_input_strict(tmp_path, case, mutate, needles):
     r = _dry_run(tmp_path, _grid_file(tmp_path, mutate))
     out = r.stdout + r.stderr
     assert r.returncode != 0, out[-3000:]

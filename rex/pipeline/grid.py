@@ -109,8 +109,12 @@ def _bits_pairs(bits: Iterable) -> list:
             w, a = pair.get("w", pair.get("wbits")), pair.get("a", pair.get("abits"))
         else:
             raise GridError(f"bits entries are [wbits, abits] pairs, got {pair!r}")
-        a = FLOAT_BITS if a in (None, FLOAT_BITS, "fp", "float") else int(a)
-        out.append((int(w), a))
+        a = FLOAT_BITS if a in (None, FLOAT_BITS, "fp", "float") else a
+        for what, v, ok in (("wbits", w, lambda v: 2 <= v <= 16), ("abits", a, lambda v: 2 <= v <= 16 or v == FLOAT_BITS)):
+            if isinstance(v, bool) or not isinstance(v, int) or not ok(v):
+                raise GridError(f"bits {list(pair)!r}: {what} must be an integer in [2, 16]"
+                                f"{' (or 32 / null = float activations)' if what == 'abits' else ''}, got {v!r}")
+        out.append((w, a))
     return out
 
 
@@ -198,6 +202,8 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
             settings.append(dict(method=FP32_METHOD, wbits=FLOAT_BITS, abits=FLOAT_BITS, order=1, budget=None,
                                  allocation="uniform", options={}))
         settings += expand_methods(mblock.get("methods", default_blocks))
+        for m in sorted({s["method"] for s in settings} - {FP32_METHOD}):
+            group_conf(conf_dir, "method", m)  # an unknown method fails here, at DAG time, not in every job
         for s in settings:
             lab = label(s["method"], s["wbits"], s["abits"], s["order"], s["budget"], s["allocation"])
             if not re.fullmatch(LABEL_RE, lab):

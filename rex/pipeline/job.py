@@ -70,6 +70,51 @@ def to_container(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+GROUPS = ("model", "dataset", "method", "evaluation")
+
+
+def _group_keys(conf: Path, group: str) -> set:
+    keys: set = set()
+    for p in sorted((conf / group).glob("*.yaml")):
+        keys |= set(gridlib.load_yaml(p))
+    return keys
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def validate_config(cfg_dict: dict, config_dir: Optional[Path] = None) -> None:
+    """Reject what Hydra lets through: keys appended with ``+`` that nothing reads (a typo such as
+    ``+protocol.mdoe=int`` would otherwise be silently ignored and hashed into the config) and bad run /
+    evaluation values. The accepted keys are those the shipped config files define."""
+    import difflib
+
+    from ..errors import ConfigError
+
+    conf = Path(config_dir or conf_dir())
+    base = gridlib.load_yaml(conf / "config.yaml")
+    accepted = {g: _group_keys(conf, g) for g in GROUPS}
+    accepted.update(protocol=set(base.get("protocol") or {}), run=set(base.get("run") or {}))
+    for key in cfg_dict:
+        if key not in accepted:
+            raise ConfigError(f"unknown config key {key!r}; accepted: {', '.join(sorted(accepted))}")
+    for group, keys in accepted.items():
+        for key in cfg_dict.get(group) or {}:
+            if key not in keys:
+                close = difflib.get_close_matches(key, sorted(keys), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown config key {group}.{key}{hint} (accepted {group}.* keys: "
+                                  f"{', '.join(sorted(keys))}; method-specific settings go in method.options)")
+    ev, run = cfg_dict.get("evaluation") or {}, cfg_dict.get("run") or {}
+    if ev.get("batch_size") is not None and not _positive_int(ev["batch_size"]):
+        raise ConfigError(f"evaluation.batch_size must be an integer >= 1, got {ev['batch_size']!r}")
+    if run.get("threads") is not None and not _positive_int(run["threads"]):
+        raise ConfigError(f"run.threads must be an integer >= 1 (torch threads of the job), got {run['threads']!r}")
+    if not isinstance(run.get("progress", False), bool):
+        raise ConfigError(f"run.progress must be true or false, got {run['progress']!r}")
+
+
 def config_hash(cfg_dict: dict) -> str:
     ident = {k: v for k, v in cfg_dict.items() if k not in UNHASHED}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -265,6 +310,7 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
     try:
         cfg = compose(list(overrides) + extra)
         cfg_dict = to_container(cfg)
+        validate_config(cfg_dict)
         from omegaconf import OmegaConf
 
         (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(cfg_dict)))

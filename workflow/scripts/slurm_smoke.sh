@@ -13,7 +13,7 @@
 #   --slurm-status-command squeue   accounting is off (no slurmdbd), so sacct knows no jobs; squeue is reliable
 #                                   because slurm_local.sh sets MinJobAge=3600
 #   --slurm-no-account              no accounts without accounting
-#   --set-threads quantize_evaluate=J train_model=T   J, T = the grid's job_threads / train_threads, as in the
+#   --set-threads quantize_evaluate*=J train_model=T  J, T = the grid's job_threads / train_threads, as in the
 #                                   local run: the profile's 4 threads per job would not fit a 2-CPU node, and
 #                                   training with another thread count gives another model (float reductions
 #                                   are summed in another order), so the tables could not be compared
@@ -48,7 +48,7 @@ set +e
 "$PY" -m snakemake --profile workflow/profiles/slurm --configfile "$GRID" \
   --config results_dir="$WORK/slurm" \
   --slurm-status-command squeue --slurm-no-account --slurm-init-seconds-before-status-checks 2 \
-  --seconds-between-status-checks 2 --set-threads quantize_evaluate="$JT" train_model="$TT" --jobs 4 \
+  --seconds-between-status-checks 2 --set-threads quantize_evaluate="$JT" quantize_evaluate_budget="$JT" quantize_evaluate_alloc="$JT" train_model="$TT" --jobs 4 \
   --latency-wait 30 --retries 0 >"$WORK/slurm.log" 2>&1
 rc_slurm=$?
 set -e
