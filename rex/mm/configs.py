@@ -6,7 +6,6 @@ Runner import the registering modules.
 """
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 from typing import Optional, Union
@@ -19,7 +18,7 @@ def _common(scope: str, work_dir: str, module: str) -> dict:
         default_scope=scope,
         # mmengine keys its DefaultScope instance by experiment name, which defaults to a timestamp in seconds:
         # two Runners built within the same second (a det then a seg config) would share the first one's scope.
-        experiment_name=f"rex_{scope}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:8]}",
+        experiment_name=f"rex_{scope}_{uuid.uuid4().hex[:8]}",  # mmengine appends the timestamp
         custom_imports=dict(imports=[module], allow_failed_imports=False),
         work_dir=work_dir,
         test_cfg=dict(type="TestLoop"),
