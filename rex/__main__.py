@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_positive_int("batch-size"), default=50)
     b.add_argument("--threads", type=_positive_int("threads"), default=2)
     b.add_argument("--device", default="cpu")
+    b.add_argument("--only", default="", help="comma-separated substrings of configuration labels to run (fp32 always runs)")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -93,6 +93,8 @@ def main(args) -> int:
     rows = []
     for model_name in [m for m in args.models.split(",") if m]:
         for label, spec_kw, extra in CONFIGS:
+            if args.only and label != "fp32" and not any(o.strip() and o.strip() in label for o in args.only.split(",")):
+                continue
             payload = json.dumps(dict(model=model_name, spec=spec_kw, extra=extra, limit=args.limit,
                                       batch_size=args.batch_size, threads=args.threads, device=args.device))
             proc = subprocess.run([sys.executable, "-m", "rex.bench", payload], capture_output=True, text=True)

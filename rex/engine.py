@@ -26,12 +26,14 @@ from .expansion import (
     allocate_greedy,
     allocate_uniform,
     expand_terms,
+    masks_from_norms,
     reconstruct,
     residual_norms,
     select_masks,
+    sparse_from_dense,
 )
 from .nn.layers import ActQuantizer, QuantLayer, make_quant_layer
-from .quant import WeightQuantizer, check_finite
+from .quant import WeightQuantizer, check_finite, round_nearest
 from .spec import QuantSpec
 from .trace import trace
 from .transforms import fold_batchnorm, get_module, set_module
@@ -115,7 +117,16 @@ def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
     return plans
 
 
-def _allocate(model, plans, spec, quantizer_factory) -> dict[str, list[int]]:
+def _row_independent(q: WeightQuantizer) -> bool:
+    """Plain per-channel symmetric round-to-nearest: each output channel is quantized on its own, so a
+    group-sparse expansion can be assembled from the dense one (``sparse_from_dense``)."""
+    return (type(q) is WeightQuantizer and q.symmetric and q.granularity == "per_channel"
+            and q.rounding is round_nearest)
+
+
+def _allocate(model, plans, spec, quantizer_factory, dense: dict) -> dict[str, list[int]]:
+    """Rows per order for every layer. Greedy allocation needs each layer's dense expansion; it is kept in
+    ``dense`` (name -> (terms, norms)) so that the layer is not expanded again when it is swapped."""
     costs = []
     for p in plans:
         if not p.quantize:
@@ -125,6 +136,7 @@ def _allocate(model, plans, spec, quantizer_factory) -> dict[str, list[int]]:
             w = get_module(model, p.name).weight.detach()
             terms = expand_terms(w, quantizer_factory(p.wbits, p.name), p.order, name=p.name)
             norms = residual_norms(terms, w)  # [K+1, C]
+            dense[p.name] = (terms, norms)
             gains = (norms[1:-1] - norms[2:]) / norms[0].sum().clamp(min=1e-30)
             lc.gains = gains
         costs.append(lc)
@@ -132,6 +144,21 @@ def _allocate(model, plans, spec, quantizer_factory) -> dict[str, list[int]]:
         return {p.name: [p.channels] * (p.order - 1) for p in plans if p.order > 1}
     fn = allocate_greedy if spec.allocation == "greedy" else allocate_uniform
     return fn(costs, spec.budget, spec.order)
+
+
+def _layer_terms(w, q, p, counts, criterion, dense: dict):
+    """The expansion of one layer: dense, or group-sparse with ``counts`` rows per order >= 2."""
+    dense_ok = all(n >= p.channels for n in counts) and len(counts) == p.order - 1
+    if p.order == 1 or dense_ok:
+        return dense[p.name][0] if p.name in dense else expand_terms(w, q, p.order, name=p.name)
+    if _row_independent(q):  # one quantization pass per order instead of three
+        terms, norms = dense.get(p.name) or (None, None)
+        if terms is None:
+            terms = expand_terms(w, q, p.order, name=p.name)
+            norms = residual_norms(terms, w)
+        return sparse_from_dense(terms, masks_from_norms(norms, counts, criterion))
+    masks = select_masks(w, q, p.order, counts, criterion)
+    return expand_terms(w, q, p.order, masks, name=p.name)
 
 
 def quantize_model(
@@ -177,7 +204,8 @@ def quantize_model(
     plans = plan_layers(m, tr, spec)
     if quantizer_factory is None:
         quantizer_factory = lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity)  # noqa: E731
-    counts = _allocate(m, plans, spec, quantizer_factory)
+    dense: dict = {}
+    counts = _allocate(m, plans, spec, quantizer_factory, dense)
     layers: list[QuantLayer] = []
     for p in plans:
         if not p.quantize:
@@ -185,10 +213,8 @@ def quantize_model(
         inner = get_module(m, p.name)
         w = inner.weight.detach()
         q = quantizer_factory(p.wbits, p.name)
-        c = counts.get(p.name, [])
-        dense = all(n >= p.channels for n in c) and len(c) == p.order - 1
-        masks = select_masks(w, q, p.order, c, spec.criterion) if p.order > 1 and not dense else None
-        terms = expand_terms(w, q, p.order, masks, name=p.name)
+        terms = _layer_terms(w, q, p, counts.get(p.name, []), spec.criterion, dense)
+        dense.pop(p.name, None)
         act = None
         if p.abits is not None and p.input_range is not None:
             act = ActQuantizer(p.abits, p.input_range[0], p.input_range[1],

@@ -121,6 +121,49 @@ def residual_norms(terms: Sequence[ExpansionTerm], weight: torch.Tensor) -> torc
     return torch.stack(rows)
 
 
+def masks_from_norms(norms: torch.Tensor, counts: Sequence[int], criterion: str = "residual") -> list[Optional[torch.Tensor]]:
+    """The masks ``select_masks`` chooses, from the [K+1, C] residual norms of the DENSE expansion
+    (``residual_norms``). Valid for an operator that quantizes each output channel on its own (per-channel
+    scales): a channel's residual after its j kept terms is then its dense residual after j terms."""
+    if criterion not in ("residual", "weight"):
+        raise ConfigError(f"expansion criterion must be 'residual' or 'weight', got {criterion!r}")
+    order, c_out = norms.shape[0] - 1, norms.shape[1]
+    kept = torch.ones(c_out, dtype=torch.long)  # order 1 is dense
+    masks: list[Optional[torch.Tensor]] = [None]
+    for k in range(2, order + 1):
+        n = int(counts[k - 2]) if k - 2 < len(counts) else 0
+        score = norms.gather(0, kept[None])[0] if criterion == "residual" else norms[0]
+        mask = torch.zeros(c_out, dtype=torch.bool)
+        if n > 0:
+            mask[torch.topk(score, min(n, c_out)).indices] = True
+        masks.append(mask)
+        kept = kept + mask.long()
+    return masks
+
+
+def sparse_from_dense(dense: Sequence[ExpansionTerm], masks: Sequence[Optional[torch.Tensor]]) -> list[ExpansionTerm]:
+    """The group-sparse expansion (``expand_terms(w, q, K, masks)``) assembled from the dense one without
+    quantizing again: with per-channel symmetric scales, the term order k adds to channel c is c's (n_c+1)-th
+    dense term, n_c the number of terms c kept before order k. Rows outside a mask are exactly zero (q = 0,
+    s = 0), as in ``expand_terms``."""
+    if any(t.qt.zero_point is not None or t.qt.scale.dim() == 0 for t in dense):
+        raise ValueError("sparse_from_dense needs a per-channel symmetric expansion")
+    c_out = dense[0].qt.q.shape[0]
+    qs = torch.stack([t.qt.q for t in dense])          # [K, C, ...]
+    ss = torch.stack([t.qt.scale for t in dense])      # [K, C]
+    rows = torch.arange(c_out)
+    kept = torch.zeros(c_out, dtype=torch.long)
+    out = []
+    for k in range(len(dense)):
+        mask = torch.ones(c_out, dtype=torch.bool) if k == 0 or masks[k] is None else masks[k].to(torch.bool)
+        idx = kept.clamp(max=len(dense) - 1)
+        q = qs[idx, rows] * _rows(mask, qs[0]).to(qs.dtype)
+        s = ss[idx, rows] * mask.to(ss.dtype)
+        out.append(ExpansionTerm(QTensor(q, s, None, dense[k].qt.bits), mask))
+        kept = kept + mask.long()
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # budget allocation
 # --------------------------------------------------------------------------------------------------

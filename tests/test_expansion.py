@@ -10,9 +10,12 @@ from rex.expansion import (
     allocate_uniform,
     error_bound,
     expand_terms,
+    masks_from_norms,
     plain_bops,
     reconstruct,
+    residual_norms,
     select_masks,
+    sparse_from_dense,
 )
 from rex.quant import WeightQuantizer
 
@@ -72,6 +75,26 @@ def test_sparse_terms_keep_unselected_rows_exactly_zero_and_carry_residual():
     # the order-3 choice is made on the residual actually kept: expanded rows shrink ~14x, so order 3
     # picks neurons that order 2 skipped
     assert not torch.equal(masks[1], masks[2])
+
+
+@pytest.mark.parametrize("criterion", ["residual", "weight"])
+@pytest.mark.parametrize("counts", [[3, 3, 2], [7, 2, 2], [0, 0, 0], [10, 10, 10]])
+def test_sparse_expansion_from_dense_equals_requantizing(criterion, counts):
+    """The engine's fast path (one dense expansion, then masks and terms gathered from it) must give exactly
+    the terms of select_masks + expand_terms(masks), non-nested masks included."""
+    torch.manual_seed(1)
+    w = torch.randn(10, 4, 3, 3) * torch.rand(10, 1, 1, 1) * 3
+    q = WeightQuantizer(4)
+    ref_masks = select_masks(w, q, 4, counts, criterion)
+    ref = expand_terms(w, q, 4, ref_masks)
+    dense = expand_terms(w, q, 4)
+    masks = masks_from_norms(residual_norms(dense, w), counts, criterion)
+    fast = sparse_from_dense(dense, masks)
+    for k in range(1, 4):
+        assert torch.equal(masks[k], ref_masks[k])
+    for a, b in zip(fast, ref):
+        assert torch.equal(a.dequantize(), b.dequantize()) and torch.equal(a.mask, b.mask)
+        assert torch.equal(a.qt.q.to(torch.int32), b.qt.q.to(torch.int32))
 
 
 def _costs(order=3):

@@ -43,14 +43,14 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {'signed' if self.signed else 'unsigned'}, range=[{self.lo:.3g}, {self.hi:.3g}], source={self.source}"
 
-    def to_int(self, x: torch.Tensor) -> torch.Tensor:
-        """Integers (as float64 values, exact) of the quantized input; same arithmetic as ``forward``
-        (multiply by the float32 inverse scale, round half to even, clamp)."""
+    def to_int(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Integers (exact, as float values of ``dtype``: |q| <= 2^15 fits float32 and float64) of the quantized
+        input; same arithmetic as ``forward`` (multiply by the float32 inverse scale, round half to even, clamp)."""
         s = float(self.scale)
         if s == 0:
-            return torch.zeros_like(x, dtype=torch.float64)
+            return torch.zeros_like(x, dtype=dtype)
         inv = torch.tensor(1.0 / s, dtype=torch.float32)
-        return torch.clamp(torch.round(x.float() * inv), self.qmin, self.qmax).double()
+        return torch.clamp(torch.round(x.float() * inv), self.qmin, self.qmax).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = float(self.scale)
@@ -127,6 +127,7 @@ class QuantLayer(nn.Module):
     def set_active_terms(self, terms: Optional[Sequence[int]]) -> None:
         """Restrict the layer to a subset of its terms (ensemble members); None = all."""
         self.active_terms = None if terms is None else [k for k in terms if k < self.order]
+        self._int_cache = None
         self._refresh_weight()
 
     def _refresh_weight(self) -> None:
@@ -167,8 +168,9 @@ class QuantLayer(nn.Module):
             x = self.act(x)
         return self.inner(x)
 
-    def _int_weights(self) -> list[torch.Tensor]:
-        """Integer weights (zero point removed, mask applied) of the active terms, as float64 values."""
+    def _int_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Integer weights (zero point removed, mask applied) of the active terms, as float64 values, with
+        their per-channel scales."""
         ws = []
         for k in self._terms():
             q, s, z, m = self.term(k)
@@ -180,44 +182,40 @@ class QuantLayer(nn.Module):
             ws.append((qw * m.reshape([-1] + [1] * (q.dim() - 1)).double(), s.double()))
         return ws
 
-    def _stacked_call(self, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Apply several integer weight tensors in ONE conv/matmul call (outputs stacked along channels,
-        interleaved per group so grouped and depthwise convs stay correct), and split the result."""
-        n = len(weights)
+    def _stack(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """Several weight tensors as ONE conv/linear weight: outputs stacked along channels, interleaved per
+        group so that grouped and depthwise convs stay correct. Output channel order: [group, tensor, c]."""
+        if len(weights) == 1:
+            return weights[0]
+        if isinstance(self.inner, nn.Conv2d):
+            g, c_out = self.inner.groups, weights[0].shape[0]
+            w = torch.stack([wk.reshape(g, c_out // g, *wk.shape[1:]) for wk in weights], 1)
+            return w.reshape(len(weights) * c_out, *weights[0].shape[1:])
+        return torch.cat(weights, 0)
+
+    def _combine(self, y: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """sum_j scales[j, c] * y_j[..., c, ...] for the stacked output y of ``_stack`` (n = scales.shape[0])."""
+        n, c_out = scales.shape
         if n == 1:
-            return [self._call_inner(x, weights[0])]
+            return y * self._channel_view(scales[0], y.dim())
         if isinstance(self.inner, nn.Conv2d):
             g = self.inner.groups
-            c_out = weights[0].shape[0]
-            w = torch.stack([wk.reshape(g, c_out // g, *wk.shape[1:]) for wk in weights], 1)
-            w = w.reshape(n * c_out, *weights[0].shape[1:])
-            y = self._call_inner(x, w)
-            y = y.reshape(y.shape[0], g, n, c_out // g, *y.shape[2:])
-            return [y[:, :, k].reshape(y.shape[0], c_out, *y.shape[4:]) for k in range(n)]
-        c_out = weights[0].shape[0]
-        y = self._call_inner(x, torch.cat(weights, 0))
-        return list(y.split(c_out, dim=-1))
+            b, hw = y.shape[0], y.shape[2:]
+            y = y.reshape(b, g, n, c_out // g, -1)
+            sv = scales.reshape(n, g, c_out // g).transpose(0, 1).reshape(1, g, n, c_out // g, 1)
+            return (y * sv).sum(2).reshape(b, c_out, *hw)
+        y = y.reshape(*y.shape[:-1], n, c_out)
+        return (y * scales).sum(-2)
 
-    def _call_inner(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        params = {"weight": w.to(x.dtype)}
-        if self.inner.bias is not None:
-            params["bias"] = torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
-        return functional_call(self.inner, params, (x,))
-
-    def forward_int(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer-exact: sum_k s_k * s_x * (q_x (*) q_k) + bias, every integer accumulation exact.
-
-        Exactness without int kernels: float32 holds every integer below 2^24 exactly, so when
-        fan_in * max|q_w| * max|q_x| < 2^24 the float32 conv of integer values IS the int32 result. Above
-        that, each weight is split into base-16 digits (q = 16 h + l, each digit's accumulation < 2^24) and
-        the digit results are recombined in float64; float64 (exact below 2^53) is the last resort."""
-        if self.act is not None:
-            qx, sx = self.act.to_int(x), float(self.act.scale)
-            qx_max = max(abs(self.act.qmin), abs(self.act.qmax))
-        else:  # unquantized input (first-layer policy 'fp input'): integer weights, float input
-            qx, sx, qx_max = x.double(), 1.0, None
+    def _int_plan(self, qx_max: Optional[int]) -> dict:
+        """What ``forward_int`` runs, built once per (active terms, input bits, device) and cached: the stacked
+        integer weight of all terms (or of their base-16 digits) and the scales that recombine the outputs."""
+        key = (tuple(self._terms()), qx_max, self.q0.device)
+        cache = getattr(self, "_int_cache", None)
+        if cache is not None and cache[0] == key:
+            return cache[1]
         terms = self._int_weights()
-        out = None
+        plan: dict = {"path": "none"}
         if terms:
             fan = self.fan_in()
             qw_max = max(int(w.abs().max()) for w, _ in terms)
@@ -229,25 +227,51 @@ class QuantLayer(nn.Module):
                     f"|q_x| {qx_max} >= 2^53 and cannot be simulated exactly; use fewer weight / activation bits for "
                     "this layer or mode='fake'")
             if qx_max is not None and fan * qw_max * qx_max < 2**24:
-                accs = self._stacked_call(qx.float(), [w for w, _ in terms])
-                accs = [a.double() for a in accs]
+                path, ws, sc = "f32", [w for w, _ in terms], [s for _, s in terms]
             elif qx_max is not None and fan * 16 * qx_max < 2**24:
-                digits = []
-                for w, _ in terms:
+                path, ws, sc = "f32", [], []
+                for w, s in terms:
                     h = torch.floor(w / 16)
-                    digits += [h, w - 16 * h]  # low digit in [0, 15]
-                ys = self._stacked_call(qx.float(), digits)
-                accs = [16 * ys[2 * i].double() + ys[2 * i + 1].double() for i in range(len(terms))]
+                    ws += [h, w - 16 * h]  # low digit in [0, 15]: each digit's accumulation < 2^24
+                    sc += [16 * s, s]
             else:
-                accs = self._stacked_call(qx, [w for w, _ in terms])
-            for acc, (_, s) in zip(accs, terms):
-                y = acc * self._channel_view(s * sx, acc.dim())
-                out = y if out is None else out + y
-        if out is None:
-            out = self._call_inner(qx, torch.zeros(self._wshape, dtype=torch.float64, device=x.device))
+                path, ws, sc = "f64", [w for w, _ in terms], [s for _, s in terms]
+            dt = torch.float32 if path == "f32" else torch.float64
+            plan = {"path": path, "weight": self._stack(ws).to(dt), "scales": torch.stack(sc).to(dt)}
+        self._int_cache = (key, plan)
+        return plan
+
+    def _call_inner(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        params = {"weight": w.to(x.dtype)}
+        if self.inner.bias is not None:
+            params["bias"] = torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
+        return functional_call(self.inner, params, (x,))
+
+    def forward_int(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer-exact: sum_k s_k * s_x * (q_x (*) q_k) + bias, every integer accumulation exact.
+
+        Exactness without int kernels: float32 holds every integer below 2^24 exactly, so when
+        fan_in * max|q_w| * max|q_x| < 2^24 the float32 conv of integer values IS the int32 result (all
+        terms in one conv call, stacked along output channels). Above that, each weight is split into base-16
+        digits (q = 16 h + l, each digit's accumulation < 2^24); float64 (exact below 2^53) is the last
+        resort. The exact accumulators are then rescaled per channel in float32, as an int8 kernel's
+        requantization does (float64 on the float64 path)."""
+        if self.act is not None:
+            qx_max = max(abs(self.act.qmin), abs(self.act.qmax))
+            sx = float(self.act.scale)
+        else:  # unquantized input (no data-free range): integer weights, float input, float64 arithmetic
+            qx_max, sx = None, 1.0
+        plan = self._int_plan(qx_max)
+        if plan["path"] == "none":
+            out = self._call_inner(x, torch.zeros(self._wshape, dtype=x.dtype, device=x.device))
+        else:
+            dt = plan["weight"].dtype
+            qx = self.act.to_int(x, dt) if self.act is not None else x.to(dt)
+            y = self._call_inner(qx, plan["weight"])
+            out = self._combine(y, plan["scales"] * sx)
         bias = self.inner.bias
         if bias is not None:
-            out = out + self._channel_view(bias.double(), out.dim())
+            out = out + self._channel_view(bias.to(out.dtype), out.dim())
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
