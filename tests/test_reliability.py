@@ -294,20 +294,24 @@ def test_kill_a_job_then_resume_smoke_grid(tmp_path):
     assert not (results / "summary.csv").exists()
     survivors = {d.name: (d / "done").stat().st_mtime_ns for d in jobs_dir.iterdir()
                  if not d.name.startswith(".") and (d / "done").exists()}
-    assert len(survivors) == 2, sorted(p.name for p in jobs_dir.iterdir())
+    # the FP32 job is a dependency of the others, so it finished; the RTN job may or may not have run before the
+    # REx job (Snakemake's order with --cores 1), and after the failure Snakemake schedules nothing new
+    all_labels = {"method=fp32,w=32,a=32,K=1", "method=rtn,w=8,a=8,K=1", label}
+    assert "method=fp32,w=32,a=32,K=1" in survivors and set(survivors) < all_labels, sorted(p.name for p in jobs_dir.iterdir())
+    missing = all_labels - set(survivors)
     ckpt = results / "models" / MODEL / "model.pt"
     ckpt_mtime = ckpt.stat().st_mtime_ns
-    unlogged = [d for d in [*survivors, label] if not (results / "mlflow" / "classification" / MODEL / f"{d}.json").exists()]
+    unlogged = [d for d in all_labels if not (results / "mlflow" / "classification" / MODEL / f"{d}.json").exists()]
     if os.environ.get("REX_KEEP_LOG"):  # debugging aid: keep the first run's log
         shutil.copy(log1, os.environ["REX_KEEP_LOG"])
 
-    # resume: only the missing job (+ what depends on it) runs; nothing complete is recomputed
+    # resume: only the missing jobs (+ what depends on them) run; nothing complete is recomputed
     r3 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     out3 = r3.stdout + r3.stderr
     assert r3.returncode == 0, out3[-4000:]
     stats = _job_stats(out3)
-    # one job rule per label shape (quantize_evaluate, _budget, _alloc): exactly one job of any of them
-    assert sum(v for k, v in stats.items() if k.startswith("quantize_evaluate")) == 1, stats
+    # one job rule per label shape (quantize_evaluate, _budget, _alloc): exactly the missing jobs run
+    assert sum(v for k, v in stats.items() if k.startswith("quantize_evaluate")) == len(missing), (stats, missing)
     assert "train_model" not in stats, stats
     assert stats.get("mlflow_log") == len(unlogged), (stats, unlogged, log1.read_text()[-3000:])
     for name, mtime in survivors.items():
