@@ -27,13 +27,33 @@ CONFIGS = [
     ("int W4A8 K=2", dict(wbits=4, abits=8, order=2, mode="int"), {}),
     ("int8 kernels W8A8 K=1", dict(wbits=8, abits=8, order=1), {"backend": "int8"}),
     ("int8 kernels W4A8 K=2", dict(wbits=4, abits=8, order=2), {"backend": "int8"}),
-    ("ensemble W4A8 K=3 (members sequential)", dict(wbits=4, abits=8, order=3), {"ensemble": True}),
+    ("ensemble W4A8 K=3 (members sequential)", dict(wbits=4, abits=8, order=3), {"ensemble": "sequential"}),
+    ("ensemble W4A8 K=3 (members batched)", dict(wbits=4, abits=8, order=3), {"ensemble": "batched"}),
+    ("ensemble W4A8 K=3 (members in processes)", dict(wbits=4, abits=8, order=3), {"ensemble": "processes"}),
     ("exact W4A8 K=3", dict(wbits=4, abits=8, order=3), {}),
 ]
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@__import__("torch").no_grad()
+def _timed_eval(model, xs, ys, batch_size: int, device: str) -> tuple[float, int]:
+    """(seconds, correct top-1) of one pass over the in-memory images, after one warm-up batch."""
+    import torch
+
+    model(xs[:batch_size].to(device))  # warm-up (allocator, kernels)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    correct = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(xs), batch_size):
+        out = model(xs[i : i + batch_size].to(device))
+        correct += int((out.argmax(1).cpu() == ys[i : i + batch_size]).sum())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, correct
 
 
 def run_one(model_name: str, spec_kw, extra: dict, limit: int, batch_size: int, threads: int, device: str) -> dict:
@@ -62,28 +82,26 @@ def run_one(model_name: str, spec_kw, extra: dict, limit: int, batch_size: int, 
         from rex.backends import to_int8_backend
 
         model, _ = to_int8_backend(model)
-    if extra.get("ensemble"):
-        from rex.ensemble import EnsembleModel
+    ens = extra.get("ensemble")
+    if ens:
+        from rex.ensemble import BatchedEnsemble, EnsembleModel, run_members_in_processes
 
-        model = EnsembleModel(model)
+        ens_model = EnsembleModel(model)
+        model = BatchedEnsemble(model) if ens == "batched" else ens_model
     model = model.to(device).eval()
-    correct = 0
-    with torch.no_grad():
-        model(xs[:batch_size].to(device))  # warm-up (allocator, kernels)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    if ens == "processes":  # one process per member, threads split between them; start-up included
+        member_models = ens_model.member_models()
         t0 = time.perf_counter()
-        for i in range(0, len(xs), batch_size):
-            out = model(xs[i : i + batch_size].to(device))
-            correct += int((out.argmax(1).cpu() == ys[i : i + batch_size]).sum())
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        out = run_members_in_processes(None, xs, batch_size, max(1, threads // len(member_models)), member_models)
         eval_s = time.perf_counter() - t0
+        correct = int((out.argmax(1) == ys).sum())
+    else:
+        eval_s, correct = _timed_eval(model, xs, ys, batch_size, device)
     return dict(
         model=model_name, quant_seconds=round(quant_s, 4), eval_seconds=round(eval_s, 4),
         images_per_second=round(len(xs) / eval_s, 2), n=len(xs), top1=round(100.0 * correct / len(xs), 2),
         peak_rss_mb=round(_peak_rss_mb(), 1), rss_after_data_mb=round(rss_data, 1),
-        bops=model.bops(ex) if extra.get("ensemble") else rex.bops(sim_model, ex),
+        bops=ens_model.bops(ex) if ens else rex.bops(sim_model, ex),
     )
 
 

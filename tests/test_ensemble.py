@@ -29,3 +29,29 @@ def test_ensemble_deviation_on_real_model_shrinks_with_bit_width(mobilenet_v2, i
         devs[bits] = deviation(q, x)
     assert devs[3]["rel_max"] > devs[4]["rel_max"] > devs[6]["rel_max"]
     assert devs[6]["agreement"] == 100.0
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+def test_batched_and_process_members_equal_sequential_members():
+    """Members run as one grouped-conv pass (BatchedEnsemble) or one process each give the sequential
+    ensemble's output (weights-only quantization: float summation order is the only difference)."""
+    from rex.ensemble import BatchedEnsemble, run_members_in_processes
+
+    model, x = _small_net(), torch.randn(6, 3, 12, 12)
+    q = rex.quantize(model, rex.QuantSpec(wbits=3, abits=None, order=3, first_last="same"), example_input=x)
+    with torch.no_grad():
+        seq = EnsembleModel(q)(x)
+        batched = BatchedEnsemble(q)(x)
+        exact = q(x)
+    assert torch.allclose(batched, seq, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(seq, exact, atol=1e-4)  # K=3 over several layers: the ensemble is an approximation
+    procs = run_members_in_processes(q, x, batch_size=6)
+    assert torch.allclose(procs, seq, rtol=1e-5, atol=1e-5)
+    # and the sequential ensemble leaves the model as it was
+    with torch.no_grad():
+        assert torch.equal(q(x), exact)
