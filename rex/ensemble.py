@@ -160,7 +160,7 @@ class _MembersLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer.act is not None:
-            x = self.layer.act(x)
+            x = self.layer.act(x, scratch=self.grouped or isinstance(self.layer.inner, nn.Linear))
         m, inner = self.m, self.layer.inner
         b = x.shape[0] // m
         bias = inner.bias

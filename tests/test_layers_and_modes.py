@@ -201,3 +201,43 @@ def test_integer_paths_equal_float64_reference(wbits, abits, cin, groups, order)
         ref += acc * s.double().view(1, -1, 1, 1) * float(layer.act.scale)
     ref += layer.inner.bias.double().view(1, -1, 1, 1)
     assert torch.allclose(q(x).double(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits, lo, hi", [(8, 0.0, 6.0), (4, -3.0, 2.5), (2, 0.0, 1.3), (16, -1.0, 1.0)])
+def test_activation_quantizer_is_bit_identical_to_torch_fake_quantize(bits, lo, hi):
+    """ActQuantizer's faster in-place arithmetic must be exactly torch's fused fake-quantize op, and agree with
+    the integers the integer-exact path uses."""
+    from rex.nn.layers import ActQuantizer
+
+    torch.manual_seed(0)
+    a = ActQuantizer(bits, lo, hi)
+    x = torch.randn(1000, 64) * 3
+    ref = torch.fake_quantize_per_tensor_affine(x, float(a.scale), 0, a.qmin, a.qmax)
+    assert torch.equal(a(x), ref)
+    assert torch.equal(a.to_int(x, torch.float32) * float(a.scale), ref)
+
+
+def test_scratch_buffer_changes_nothing_and_survives_inference_mode():
+    """QuantLayer writes its quantized input into a per-thread scratch buffer (CPU inference): results must be
+    those without it, across no_grad / inference_mode and changing shapes, in both modes."""
+    import rex.nn.layers as L
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(8 * 64, 5))
+    x = torch.rand(2, 3, 8, 8)
+    for mode in ("fake", "int"):
+        q = rex.quantize(m, rex.QuantSpec(wbits=4, abits=8, order=2, first_last="same", mode=mode),
+                         example_input=x, input_range=(0, 1))
+        L.SCRATCH = False
+        try:
+            with torch.no_grad():
+                ref = q(x)
+        finally:
+            L.SCRATCH = True
+        with torch.inference_mode():
+            a = q(x)
+            q(torch.rand(4, 3, 8, 8))  # a larger batch grows the buffer
+        with torch.no_grad():
+            b = q(x)
+        assert torch.equal(a, ref) and torch.equal(b, ref)
