@@ -64,16 +64,27 @@ class ActQuantizer(nn.Module):
         self.lo, self.hi = float(lo), float(hi)
         self.register_buffer("scale", torch.tensor(amax / self.qmax, dtype=torch.float32))
 
+    def _scales(self) -> tuple[float, float]:
+        """(s, float32(1/s)) as Python floats, cached until the scale buffer changes (load_state_dict, .to):
+        reading a tensor per call costs more than the arithmetic on the small inputs of 28x28 nets."""
+        key = (self.scale.data_ptr(), self.scale._version)
+        cached = self.__dict__.get("_scale_cache")
+        if cached is None or cached[0] != key:
+            s = float(self.scale)
+            inv = float(torch.tensor(1.0 / s, dtype=torch.float32)) if s != 0 else 0.0
+            cached = (key, s, inv)
+            self.__dict__["_scale_cache"] = cached
+        return cached[1], cached[2]
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {'signed' if self.signed else 'unsigned'}, range=[{self.lo:.3g}, {self.hi:.3g}], source={self.source}"
 
     def to_int(self, x: torch.Tensor, dtype: torch.dtype = torch.float64, scratch: bool = False) -> torch.Tensor:
         """Integers (exact, as float values of ``dtype``: |q| <= 2^15 fits float32 and float64) of the quantized
         input; same arithmetic as ``forward`` (multiply by the float32 inverse scale, round half to even, clamp)."""
-        s = float(self.scale)
+        s, inv = self._scales()
         if s == 0:
             return torch.zeros_like(x, dtype=dtype)
-        inv = float(torch.tensor(1.0 / s, dtype=torch.float32))
         x = x.float()
         if dtype == torch.float32:  # in place on one new tensor (or the scratch buffer, see forward)
             y = torch.mul(x, inv, out=_scratch_like(x)) if scratch and _use_scratch(x) else torch.mul(x, inv)
@@ -83,13 +94,12 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         """Fake-quantized ``x``. ``scratch=True`` (only for a caller that consumes the result before the next
         quantizer runs, as ``QuantLayer`` does) writes it into the thread's scratch buffer."""
-        s = float(self.scale)
+        s, inv = self._scales()
         if s == 0:
             return torch.zeros_like(x)
         # round(x * 1/s) clamped, times s -- the arithmetic of torch.fake_quantize_per_tensor_affine and of
         # ``to_int`` (float32 inverse scale, ties to even), but with ONE new tensor and in-place steps: the fused
         # op also writes a gradient mask and measured 2-6x slower on the large activations of MobileNetV2
-        inv = float(torch.tensor(1.0 / s, dtype=torch.float32))
         y = torch.mul(x, inv, out=_scratch_like(x)) if scratch and _use_scratch(x) else torch.mul(x, inv)
         return y.round_().clamp_(self.qmin, self.qmax).mul_(s)
 
@@ -292,7 +302,7 @@ class QuantLayer(nn.Module):
         requantization does (float64 on the float64 path)."""
         if self.act is not None:
             qx_max = max(abs(self.act.qmin), abs(self.act.qmax))
-            sx = float(self.act.scale)
+            sx = self.act._scales()[0]
         else:  # unquantized input (no data-free range): integer weights, float input, float64 arithmetic
             qx_max, sx = None, 1.0
         plan = self._int_plan(qx_max)
