@@ -38,22 +38,22 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-@__import__("torch").no_grad()
 def _timed_eval(model, xs, ys, batch_size: int, device: str) -> tuple[float, int]:
     """(seconds, correct top-1) of one pass over the in-memory images, after one warm-up batch."""
     import torch
 
-    model(xs[:batch_size].to(device))  # warm-up (allocator, kernels)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    correct = 0
-    t0 = time.perf_counter()
-    for i in range(0, len(xs), batch_size):
-        out = model(xs[i : i + batch_size].to(device))
-        correct += int((out.argmax(1).cpu() == ys[i : i + batch_size]).sum())
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, correct
+    with torch.no_grad():
+        model(xs[:batch_size].to(device))  # warm-up (allocator, kernels)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        correct = 0
+        t0 = time.perf_counter()
+        for i in range(0, len(xs), batch_size):
+            out = model(xs[i : i + batch_size].to(device))
+            correct += int((out.argmax(1).cpu() == ys[i : i + batch_size]).sum())
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, correct
 
 
 def run_one(model_name: str, spec_kw, extra: dict, limit: int, batch_size: int, threads: int, device: str) -> dict:
