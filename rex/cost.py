@@ -56,6 +56,13 @@ def conv2d_macs(
     return out_channels * oh * ow * (in_channels // groups) * kh * kw
 
 
+def conv_transpose2d_macs(in_channels: int, out_channels: int, input_hw: tuple[int, int], kernel, groups: int = 1) -> int:
+    """MACs of one ConvTranspose2d for one sample: every input pixel is multiplied into a kh x kw x
+    (C_out / groups) patch (whatever the stride; output padding and cropping add no multiplications)."""
+    kh, kw = _pair(kernel)
+    return in_channels * input_hw[0] * input_hw[1] * (out_channels // groups) * kh * kw
+
+
 def linear_macs(in_features: int, out_features: int, rows: int = 1) -> int:
     """MACs of one Linear for one sample; ``rows`` = number of vectors per sample (tokens)."""
     return in_features * out_features * rows
@@ -86,6 +93,9 @@ def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
             core.in_channels, core.out_channels, tuple(inp.shape[-2:]), core.kernel_size, core.stride,
             core.padding, core.dilation, core.groups, output_hw=tuple(out.shape[-2:]),
         )
+    if isinstance(core, nn.ConvTranspose2d):
+        return conv_transpose2d_macs(core.in_channels, core.out_channels, tuple(inp.shape[-2:]), core.kernel_size,
+                                     core.groups)
     if isinstance(core, nn.Linear):
         rows = inp.numel() // max(1, inp.shape[0]) // core.in_features
         return linear_macs(core.in_features, core.out_features, rows)
@@ -97,7 +107,7 @@ def _is_costed(module: nn.Module) -> bool:
 
     if isinstance(module, QuantLayer):
         return True
-    return isinstance(module, (nn.Conv2d, nn.Linear)) and not _inside_quant(module)
+    return isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and not _inside_quant(module)
 
 
 def _inside_quant(module: nn.Module) -> bool:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .cost import conv2d_macs, linear_macs
+from .cost import conv2d_macs, conv_transpose2d_macs, linear_macs
 from .errors import ConfigError, Int32OverflowWarning, WeightError
 from .expansion import (
     LayerCost,
@@ -32,7 +32,7 @@ from .expansion import (
     select_masks,
     sparse_from_dense,
 )
-from .nn.layers import ActQuantizer, QuantLayer, make_quant_layer
+from .nn.layers import ActQuantizer, QuantLayer, canonical_weight, make_quant_layer
 from .quant import WeightQuantizer, check_finite, round_nearest
 from .spec import QuantSpec
 from .trace import trace
@@ -88,6 +88,9 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
 
 
 def _macs(module: nn.Module, in_shape: tuple, out_shape: tuple) -> int:
+    if isinstance(module, nn.ConvTranspose2d):
+        return conv_transpose2d_macs(module.in_channels, module.out_channels, tuple(in_shape[-2:]),
+                                     module.kernel_size, module.groups)
     if isinstance(module, nn.Conv2d):
         return conv2d_macs(module.in_channels, module.out_channels, tuple(in_shape[-2:]), module.kernel_size,
                            module.stride, module.padding, module.dilation, module.groups, output_hw=tuple(out_shape[-2:]))
@@ -113,7 +116,7 @@ def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
         if rng is None:
             abits = None  # no data-free range: input left in float (recorded in the report)
         plans.append(LayerPlan(name, wbits, abits, order, _macs(m, tr.input_shape[name], tr.output_shape.get(name, ())),
-                               m.weight.shape[0], rng, role, quant))
+                               canonical_weight(m).shape[0], rng, role, quant))
     return plans
 
 
@@ -133,7 +136,7 @@ def _allocate(model, plans, spec, quantizer_factory, dense: dict) -> dict[str, l
             continue
         lc = LayerCost(p.name, p.macs, p.wbits, p.abits or 32, p.channels, p.order)
         if spec.allocation == "greedy" and p.order > 1 and spec.budget is not None:
-            w = get_module(model, p.name).weight.detach()
+            w = canonical_weight(get_module(model, p.name))
             terms = expand_terms(w, quantizer_factory(p.wbits, p.name), p.order, name=p.name)
             norms = residual_norms(terms, w)  # [K+1, C]
             dense[p.name] = (terms, norms)
@@ -211,7 +214,7 @@ def quantize_model(
         if not p.quantize:
             continue
         inner = get_module(m, p.name)
-        w = inner.weight.detach()
+        w = canonical_weight(inner)  # output channels first (ConvTranspose2d is stored transposed)
         q = quantizer_factory(p.wbits, p.name)
         terms = _layer_terms(w, q, p, counts.get(p.name, []), spec.criterion, dense)
         dense.pop(p.name, None)

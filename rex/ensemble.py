@@ -57,7 +57,8 @@ def active_terms(model: nn.Module, terms: list[int]) -> Iterator[None]:
 
 
 def _member_weights(layer: QuantLayer, member_terms: list[list[int]]) -> list[torch.Tensor]:
-    return [layer.dequantized_weight([k for k in t if k < layer.order]) for t in member_terms]
+    """Each member's weight for ``layer``, in the wrapped module's own layout."""
+    return [layer.inner_layout(layer.dequantized_weight([k for k in t if k < layer.order])) for t in member_terms]
 
 
 class EnsembleModel(nn.Module):

@@ -188,7 +188,8 @@ class TraceResult:
 
 
 def is_weight_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv2d, nn.Linear))
+    """The layers REx quantizes: Conv2d (any groups), ConvTranspose2d (groups = 1), Linear."""
+    return isinstance(m, (nn.Conv2d, nn.Linear)) or (isinstance(m, nn.ConvTranspose2d) and m.groups == 1)
 
 
 def trace(

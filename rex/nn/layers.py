@@ -28,6 +28,22 @@ from ..quant import qrange
 MODES = ("fake", "int")
 
 
+def is_conv(m: nn.Module) -> bool:
+    """Convolutions whose output channels are dim 1 of their output (Conv2d and ConvTranspose2d)."""
+    return isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+
+
+def canonical_weight(m: nn.Module) -> torch.Tensor:
+    """The weight with output channels first, the layout every quantizer here works in. ConvTranspose2d
+    stores (C_in, C_out, kh, kw): its canonical form is the transpose (groups = 1 only)."""
+    w = m.weight.detach()
+    if isinstance(m, nn.ConvTranspose2d):
+        if m.groups != 1:
+            raise ValueError("grouped ConvTranspose2d is not supported")
+        return w.transpose(0, 1)
+    return w
+
+
 # Inference on CPU: inside a QuantLayer the quantized activation only lives until the wrapped conv/linear
 # has read it, so one scratch buffer per thread serves every layer. A fresh tensor per layer costs page faults that made
 # fake-quant MobileNetV2 ~20% slower than float (glibc hands large blocks back to the OS); the scratch
@@ -125,7 +141,8 @@ class QuantLayer(nn.Module):
         self.layer_name = name
         self.mode = mode
         self.order = len(terms)
-        self._wshape = tuple(inner.weight.shape)
+        self.transposed = isinstance(inner, nn.ConvTranspose2d)
+        self._wshape = tuple(canonical_weight(inner).shape)  # output channels first
         for k, t in enumerate(terms):
             self.register_buffer(f"q{k}", t.qt.q)
             self.register_buffer(f"s{k}", t.qt.channel_scale(t.qt.q.shape[0]).float())
@@ -150,8 +167,12 @@ class QuantLayer(nn.Module):
     def _terms(self) -> list[int]:
         return list(range(self.order)) if self.active_terms is None else list(self.active_terms)
 
+    def inner_layout(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight in the canonical layout (output channels first) -> the wrapped module's own layout."""
+        return w.transpose(0, 1) if self.transposed else w
+
     def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
-        if isinstance(self.inner, nn.Conv2d):
+        if is_conv(self.inner):
             return v.reshape([1, -1] + [1] * (ndim - 2))
         return v.reshape([1] * (ndim - 1) + [-1])
 
@@ -175,7 +196,7 @@ class QuantLayer(nn.Module):
         self._refresh_weight()
 
     def _refresh_weight(self) -> None:
-        self.inner.weight = nn.Parameter(self.dequantized_weight(), requires_grad=False)
+        self.inner.weight = nn.Parameter(self.inner_layout(self.dequantized_weight()), requires_grad=False)
 
     def size_bits(self) -> int:
         per_row = math.prod(self._wshape[1:])
@@ -231,7 +252,7 @@ class QuantLayer(nn.Module):
         group so that grouped and depthwise convs stay correct. Output channel order: [group, tensor, c]."""
         if len(weights) == 1:
             return weights[0]
-        if isinstance(self.inner, nn.Conv2d):
+        if is_conv(self.inner):
             g, c_out = self.inner.groups, weights[0].shape[0]
             w = torch.stack([wk.reshape(g, c_out // g, *wk.shape[1:]) for wk in weights], 1)
             return w.reshape(len(weights) * c_out, *weights[0].shape[1:])
@@ -242,7 +263,7 @@ class QuantLayer(nn.Module):
         n, c_out = scales.shape
         if n == 1:
             return y * self._channel_view(scales[0], y.dim())
-        if isinstance(self.inner, nn.Conv2d):
+        if is_conv(self.inner):
             g = self.inner.groups
             b, hw = y.shape[0], y.shape[2:]
             y = y.reshape(b, g, n, c_out // g, -1)
@@ -286,7 +307,7 @@ class QuantLayer(nn.Module):
         return plan
 
     def _call_inner(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        params = {"weight": w.to(x.dtype)}
+        params = {"weight": self.inner_layout(w).to(x.dtype)}
         if self.inner.bias is not None:
             params["bias"] = torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
         return functional_call(self.inner, params, (x,))
@@ -326,10 +347,15 @@ class QuantConv2d(QuantLayer):
     """Quantized Conv2d (any subclass, depthwise and grouped included)."""
 
 
+class QuantConvTranspose2d(QuantLayer):
+    """Quantized ConvTranspose2d (groups = 1); terms are stored output-channels-first like every other layer."""
+
+
 class QuantLinear(QuantLayer):
     """Quantized Linear."""
 
 
 def make_quant_layer(inner: nn.Module, *args, **kwargs) -> QuantLayer:
-    cls = QuantConv2d if isinstance(inner, nn.Conv2d) else QuantLinear
+    cls = QuantConv2d if isinstance(inner, nn.Conv2d) else QuantConvTranspose2d \
+        if isinstance(inner, nn.ConvTranspose2d) else QuantLinear
     return cls(inner, *args, **kwargs)
