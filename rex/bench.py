@@ -113,6 +113,8 @@ def main(args) -> int:
         for label, spec_kw, extra in CONFIGS:
             if args.only and label != "fp32" and not any(o.strip() and o.strip() in label for o in args.only.split(",")):
                 continue
+            if extra.get("ensemble") == "processes" and args.device != "cpu":
+                continue  # forked workers cannot use a CUDA context; on a GPU the batched members are the case
             payload = json.dumps(dict(model=model_name, spec=spec_kw, extra=extra, limit=args.limit,
                                       batch_size=args.batch_size, threads=args.threads, device=args.device))
             proc = subprocess.run([sys.executable, "-m", "rex.bench", payload], capture_output=True, text=True)
