@@ -86,18 +86,20 @@ class LayerCostRecord:
     size_bits: int
 
 
-def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+def module_macs(module: nn.Module, in_shape: tuple, out_shape: tuple) -> int:
+    """MACs of one Conv2d / ConvTranspose2d / Linear (or a quantized layer wrapping one) for one sample, from
+    its input and output shapes (batch dimension included, ignored). The one dispatch by layer type."""
     core = getattr(module, "inner", module)  # quantized layers wrap the float module
     if isinstance(core, nn.Conv2d):
         return conv2d_macs(
-            core.in_channels, core.out_channels, tuple(inp.shape[-2:]), core.kernel_size, core.stride,
-            core.padding, core.dilation, core.groups, output_hw=tuple(out.shape[-2:]),
+            core.in_channels, core.out_channels, tuple(in_shape[-2:]), core.kernel_size, core.stride,
+            core.padding, core.dilation, core.groups, output_hw=tuple(out_shape[-2:]),
         )
     if isinstance(core, nn.ConvTranspose2d):
-        return conv_transpose2d_macs(core.in_channels, core.out_channels, tuple(inp.shape[-2:]), core.kernel_size,
+        return conv_transpose2d_macs(core.in_channels, core.out_channels, tuple(in_shape[-2:]), core.kernel_size,
                                      core.groups)
     if isinstance(core, nn.Linear):
-        rows = inp.numel() // max(1, inp.shape[0]) // core.in_features
+        rows = math.prod(in_shape[1:-1])  # vectors per sample (tokens)
         return linear_macs(core.in_features, core.out_features, rows)
     raise TypeError(f"no MAC formula for {type(core).__name__}")
 
@@ -124,7 +126,7 @@ def cost_table(model: nn.Module, example_input) -> list[LayerCostRecord]:
     def hook(name):
         def fn(module, args, out):
             inp = args[0]
-            macs = _layer_macs(module, inp, out)  # per sample: the formulas exclude the batch
+            macs = module_macs(module, tuple(inp.shape), tuple(out.shape))  # per sample: the formulas exclude the batch
             if isinstance(module, QuantLayer):
                 wb, ab, dens = module.wbits, module.abits or FLOAT_BITS, tuple(module.densities)
                 size = module.size_bits()

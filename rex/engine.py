@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .cost import conv2d_macs, conv_transpose2d_macs, linear_macs
+from .cost import module_macs
 from .errors import ConfigError, Int32OverflowWarning, WeightError
 from .expansion import (
     LayerCost,
@@ -87,19 +87,6 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     raise ConfigError("model has no Conv2d or Linear layer: nothing to quantize")
 
 
-def _macs(module: nn.Module, in_shape: tuple, out_shape: tuple) -> int:
-    if isinstance(module, nn.ConvTranspose2d):
-        return conv_transpose2d_macs(module.in_channels, module.out_channels, tuple(in_shape[-2:]),
-                                     module.kernel_size, module.groups)
-    if isinstance(module, nn.Conv2d):
-        return conv2d_macs(module.in_channels, module.out_channels, tuple(in_shape[-2:]), module.kernel_size,
-                           module.stride, module.padding, module.dilation, module.groups, output_hw=tuple(out_shape[-2:]))
-    rows = 1
-    for d in in_shape[1:-1]:
-        rows *= d
-    return linear_macs(module.in_features, module.out_features, rows)
-
-
 def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
     plans = []
     n = len(tr.order)
@@ -115,7 +102,7 @@ def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
         rng = tr.input_range.get(name)
         if rng is None:
             abits = None  # no data-free range: input left in float (recorded in the report)
-        plans.append(LayerPlan(name, wbits, abits, order, _macs(m, tr.input_shape[name], tr.output_shape.get(name, ())),
+        plans.append(LayerPlan(name, wbits, abits, order, module_macs(m, tr.input_shape[name], tr.output_shape.get(name, ())),
                                canonical_weight(m).shape[0], rng, role, quant))
     return plans
 

@@ -161,7 +161,7 @@ class _MembersLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer.act is not None:
-            x = self.layer.act(x, scratch=self.grouped or isinstance(self.layer.inner, nn.Linear))
+            x = self.layer.act(x, scratch=True)  # read only by this layer's convolutions below
         m, inner = self.m, self.layer.inner
         b = x.shape[0] // m
         bias = inner.bias

@@ -101,11 +101,14 @@ class ActQuantizer(nn.Module):
         s, inv = self._scales()
         if s == 0:
             return torch.zeros_like(x, dtype=dtype)
-        x = x.float()
-        if dtype == torch.float32:  # in place on one new tensor (or the scratch buffer, see forward)
-            y = torch.mul(x, inv, out=_scratch_like(x)) if scratch and _use_scratch(x) else torch.mul(x, inv)
-            return y.round_().clamp_(self.qmin, self.qmax)
-        return torch.clamp(torch.round(x * inv), self.qmin, self.qmax).to(dtype)
+        q = self._rounded(x.float(), inv, scratch)
+        return q if dtype == torch.float32 else q.to(dtype)
+
+    def _rounded(self, x: torch.Tensor, inv: float, scratch: bool) -> torch.Tensor:
+        """clamp(round(x * inv)): the arithmetic of torch.fake_quantize_per_tensor_affine (float32 inverse
+        scale, ties to even) on ONE new tensor -- or the thread's scratch buffer -- updated in place."""
+        y = torch.mul(x, inv, out=_scratch_like(x)) if scratch and _use_scratch(x) else torch.mul(x, inv)
+        return y.round_().clamp_(self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         """Fake-quantized ``x``. ``scratch=True`` (only for a caller that consumes the result before the next
@@ -113,11 +116,9 @@ class ActQuantizer(nn.Module):
         s, inv = self._scales()
         if s == 0:
             return torch.zeros_like(x)
-        # round(x * 1/s) clamped, times s -- the arithmetic of torch.fake_quantize_per_tensor_affine and of
-        # ``to_int`` (float32 inverse scale, ties to even), but with ONE new tensor and in-place steps: the fused
-        # op also writes a gradient mask and measured 2-6x slower on the large activations of MobileNetV2
-        y = torch.mul(x, inv, out=_scratch_like(x)) if scratch and _use_scratch(x) else torch.mul(x, inv)
-        return y.round_().clamp_(self.qmin, self.qmax).mul_(s)
+        # not the fused torch op: it also writes a gradient mask and measured 2-6x slower on the large
+        # activations of MobileNetV2; same integers as ``to_int``
+        return self._rounded(x, inv, scratch).mul_(s)
 
 
 class QuantLayer(nn.Module):
