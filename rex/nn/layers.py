@@ -121,6 +121,38 @@ class ActQuantizer(nn.Module):
         return self._rounded(x, inv, scratch).mul_(s)
 
 
+F32_EXACT = 2**24  # every integer of magnitude <= 2^24 is a float32; below it a float32 sum of integers is exact
+F64_EXACT = 2**53
+
+
+def split_base16(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer weights as two base-16 digits, w = 16 h + l with l in [0, 15] and h = floor(w / 16)."""
+    h = torch.floor(w / 16)
+    return h, w - 16 * h
+
+
+def int_path(fan_in: int, qw_max: int, qx_max: Optional[int]) -> str:
+    """The exact path of the integer simulation for a layer whose accumulators sum ``fan_in`` products of
+    |q_w| <= qw_max and |q_x| <= qx_max. Every partial sum of an accumulation is bounded by
+    fan_in * max|digit| * qx_max, and a float32 sum of integers is exact while every partial sum stays
+    below 2^24 (whatever the summation order of the kernel):
+
+    - ``f32``: fan_in * qw_max * qx_max < 2^24, the weights' integers directly;
+    - ``f32-digits``: the weights split into base-16 digits (``split_base16``); BOTH digits must pass the
+      bound: the low digit is at most 15, the high one at most ceil(qw_max / 16) (at W12 that is 128, so
+      the split alone does not make W10+ exact: those fall through to float64);
+    - ``f64``: float64 sums are exact within 2^53 (checked by the caller);
+    - ``float-input``: the input is not quantized, there is no integer accumulator (float64 arithmetic)."""
+    if qx_max is None:
+        return "float-input"
+    if fan_in * qw_max * qx_max < F32_EXACT:
+        return "f32"
+    high = -(-qw_max // 16)  # |floor(w / 16)| <= ceil(|w| / 16)
+    if fan_in * max(15, high) * qx_max < F32_EXACT:
+        return "f32-digits"
+    return "f64"
+
+
 class QuantLayer(nn.Module):
     def __init__(
         self,
@@ -292,18 +324,20 @@ class QuantLayer(nn.Module):
                     f"layer {self.layer_name}: the integer accumulation can reach fan_in {fan} x |q_w| {qw_max} x "
                     f"|q_x| {qx_max} >= 2^53 and cannot be simulated exactly; use fewer weight / activation bits for "
                     "this layer or mode='fake'")
-            if qx_max is not None and fan * qw_max * qx_max < 2**24:
-                path, ws, sc = "f32", [w for w, _ in terms], [s for _, s in terms]
-            elif qx_max is not None and fan * 16 * qx_max < 2**24:
-                path, ws, sc = "f32", [], []
+            path = int_path(fan, qw_max, qx_max)
+            if path == "f32":
+                ws, sc, digits = [w for w, _ in terms], [s for _, s in terms], 1
+            elif path == "f32-digits":
+                ws, sc, digits = [], [], 2
                 for w, s in terms:
-                    h = torch.floor(w / 16)
-                    ws += [h, w - 16 * h]  # low digit in [0, 15]: each digit's accumulation < 2^24
+                    h, lo = split_base16(w)
+                    ws += [h, lo]
                     sc += [16 * s, s]
             else:
-                path, ws, sc = "f64", [w for w, _ in terms], [s for _, s in terms]
-            dt = torch.float32 if path == "f32" else torch.float64
-            plan = {"path": path, "weight": self._stack(ws).to(dt), "scales": torch.stack(sc).to(dt)}
+                ws, sc, digits = [w for w, _ in terms], [s for _, s in terms], 1
+            dt = torch.float32 if path in ("f32", "f32-digits") else torch.float64
+            plan = {"path": path, "weight": self._stack(ws).to(dt), "scales": torch.stack(sc).to(dt),
+                    "digits": digits, "n_terms": len(terms)}
         self._int_cache = (key, plan)
         return plan
 
@@ -313,14 +347,37 @@ class QuantLayer(nn.Module):
             params["bias"] = torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
         return functional_call(self.inner, params, (x,))
 
+    def int_accumulators(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The integer accumulators q_x (*) q_k of every active term (int64, zero-bias, before any rescale), as
+        the integer-exact path computes them (digits recombined in int64): what an int32 kernel would hold.
+        For tests and for checking a kernel against the simulation."""
+        if self.act is None:
+            raise ValueError(f"layer {self.layer_name}: its input is not quantized, there is no integer accumulator")
+        plan = self._int_plan(max(abs(self.act.qmin), abs(self.act.qmax)))
+        if plan["path"] == "none":
+            return []
+        y = self._call_inner(self.act.to_int(x, plan["weight"].dtype), plan["weight"])
+        n = plan["n_terms"] * plan["digits"]
+        c_out = self._wshape[0]
+        if is_conv(self.inner):  # [group, tensor, c] channel order of _stack
+            g = self.inner.groups
+            parts = y.reshape(y.shape[0], g, n, c_out // g, *y.shape[2:]).transpose(1, 2)
+            parts = parts.reshape(y.shape[0], n, c_out, *y.shape[2:]).unbind(1)
+        else:
+            parts = y.reshape(*y.shape[:-1], n, c_out).unbind(-2)
+        parts = [p.to(torch.int64) for p in parts]
+        if plan["digits"] == 2:
+            return [16 * parts[2 * k] + parts[2 * k + 1] for k in range(plan["n_terms"])]
+        return parts
+
     def forward_int(self, x: torch.Tensor) -> torch.Tensor:
         """Integer-exact: sum_k s_k * s_x * (q_x (*) q_k) + bias, every integer accumulation exact.
 
         Exactness without int kernels: float32 holds every integer below 2^24 exactly, so when
         fan_in * max|q_w| * max|q_x| < 2^24 the float32 conv of integer values IS the int32 result (all
         terms in one conv call, stacked along output channels). Above that, each weight is split into base-16
-        digits (q = 16 h + l, each digit's accumulation < 2^24); float64 (exact below 2^53) is the last
-        resort. The exact accumulators are then rescaled per channel in float32, as an int8 kernel's
+        digits (q = 16 h + l) when both digits' accumulations stay below 2^24 (``int_path``); float64 (exact
+        below 2^53) otherwise. The exact accumulators are then rescaled per channel in float32, as an int8 kernel's
         requantization does (float64 on the float64 path)."""
         if self.act is not None:
             qx_max = max(abs(self.act.qmin), abs(self.act.qmax))
