@@ -97,6 +97,96 @@ def distill(model: nn.Module, input_shape: tuple, batch: int = 8, steps: int = 2
     return data, info
 
 
+# ZeroQ's own settings (its repository's classification/distill_data.py and utils/data_utils.py): Adam at lr
+# 0.5 for 500 iterations, ReduceLROnPlateau(patience 100, min_lr 1e-4) on the total loss, eps 1e-6 in the
+# std, inputs initialised to (randint(0, 255) - 127.5) / 5418.75 (the comment there calls 5418.75 the
+# variance of U(-128, 127); it divides by it, so the start is a narrow uniform around 0: kept as is).
+ZEROQ_LR, ZEROQ_ITERS, ZEROQ_BATCH, ZEROQ_EPS = 0.5, 500, 32, 1e-6
+
+
+def per_sample_stats(a: torch.Tensor, eps: float = ZEROQ_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, per channel mean and std over the spatial positions: [B, C] each (ZeroQ's statistics; the
+    batch is not pooled: every distilled image must look like a BN-normal input on its own)."""
+    flat = a.reshape(a.shape[0], a.shape[1], -1)
+    return flat.mean(2), torch.sqrt(flat.var(2) + eps)  # unbiased variance, as torch.var's default there
+
+
+def zeroq_loss(target: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """ZeroQ's ``own_loss``: squared L2 distance of the [B, C] statistics to the [C] target, divided by B."""
+    return (target - stats).norm() ** 2 / stats.shape[0]
+
+
+def zeroq_init(shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    return (torch.randint(0, 255, shape, generator=gen).float() - 127.5) / 5418.75
+
+
+def distill_zeroq(model: nn.Module, input_shape: tuple, batch: int = ZEROQ_BATCH, iters: int = ZEROQ_ITERS,
+                  seed: int = 0, lr: float = ZEROQ_LR, cache: bool = True) -> tuple[torch.Tensor, dict]:
+    """ZeroQ's distillation (Cai et al. 2020), faithful to its code: the input of every BatchNorm of the float
+    model (before folding) is matched, image by image, to the BN's running mean and sqrt(var + eps)
+    (``per_sample_stats``, ``zeroq_loss``), plus mean 0 / std 1 per image and channel of the input itself;
+    Adam at ``lr`` with ReduceLROnPlateau for ``iters`` iterations from ZeroQ's uniform start."""
+    key = ("zeroq", _weights_key(model), tuple(input_shape[1:]), batch, iters, seed, lr)
+    if cache and key in _CACHE:
+        data, info = _CACHE[key]
+        return data.clone(), dict(info, cached=True)
+    bns = _batchnorms(model)
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    req = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    x = zeroq_init((batch, *input_shape[1:]), gen).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-4, patience=100)
+    terms: list = []
+
+    def hook(m, args):
+        mu, sd = per_sample_stats(args[0])
+        terms.append(zeroq_loss(m.running_mean, mu) + zeroq_loss(torch.sqrt(m.running_var + ZEROQ_EPS), sd))
+
+    handles = [m.register_forward_pre_hook(hook) for m in bns]
+    history = []
+    try:
+        for it in range(iters):
+            terms.clear()
+            opt.zero_grad(set_to_none=True)
+            _call(model, x)
+            mu, sd = per_sample_stats(x)
+            loss = torch.stack(terms).sum() + zeroq_loss(torch.zeros(x.shape[1]), mu) + \
+                zeroq_loss(torch.ones(x.shape[1]), sd)
+            loss.backward()
+            opt.step()
+            sched.step(float(loss.detach()))
+            if it in (0, iters - 1):
+                history.append(float(loss.detach()))
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in req.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+    data = x.detach()
+    info = dict(algorithm="zeroq", seconds=time.perf_counter() - t0, iters=iters, batch=batch, seed=seed, lr=lr,
+                loss_first=history[0] if history else None, loss_last=history[-1] if history else None,
+                lr_last=opt.param_groups[0]["lr"], cached=False)
+    if cache:
+        _CACHE[key] = (data.clone(), info)
+    return data, info
+
+
+def _batchnorms(model: nn.Module) -> list:
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    if not bns:
+        from .errors import ConfigError
+
+        raise ConfigError("ZeroQ needs a model with BatchNorm layers (their running statistics are the distillation "
+                          "target); this model has none: n/a (no BatchNorm)")
+    return bns
+
+
 def activation_ranges(model: nn.Module, data: torch.Tensor, percentile: Optional[float] = None,
                       layer_types=(nn.Conv2d, nn.Linear)) -> dict[str, tuple[float, float]]:
     """Per weight layer, the range of its input over ``data``: [min, max], or the [100-p, p] percentiles."""

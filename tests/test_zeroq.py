@@ -1,0 +1,53 @@
+"""ZeroQ as its authors wrote it (classification/distill_data.py): per-image statistics, its own loss
+normalisation, lr 0.5, 500 iterations, ReduceLROnPlateau, its uniform start."""
+import torch
+from torch import nn
+
+from rex import zeroq
+
+
+def test_statistics_are_per_image_not_pooled_over_the_batch():
+    # two images whose pooled batch mean is exactly 0 but each image's mean is +-1: ZeroQ's loss sees them
+    a = torch.stack([torch.ones(3, 4, 4), -torch.ones(3, 4, 4)])
+    mu, sd = zeroq.per_sample_stats(a)
+    assert mu.shape == (2, 3) and sd.shape == (2, 3)
+    assert torch.allclose(mu[0], torch.ones(3)) and torch.allclose(mu[1], -torch.ones(3))
+    # own_loss = ||A - B||^2 / B: (3 * 1 + 3 * 1) / 2
+    assert torch.isclose(zeroq.zeroq_loss(torch.zeros(3), mu), torch.tensor(3.0))
+    assert torch.allclose(sd, torch.full((2, 3), zeroq.ZEROQ_EPS ** 0.5), atol=1e-6)
+
+
+def test_defaults_are_zeroqs_own():
+    assert (zeroq.ZEROQ_LR, zeroq.ZEROQ_ITERS, zeroq.ZEROQ_BATCH) == (0.5, 500, 32)
+    x = zeroq.zeroq_init((4, 3, 8, 8), torch.Generator().manual_seed(0))
+    assert float(x.abs().max()) <= 127.5 / 5418.75 + 1e-9   # the narrow uniform start of its data_utils.py
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    with torch.no_grad():
+        for bn in (net[1], net[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def test_distillation_matches_each_images_bn_statistics():
+    net = _bn_net()
+    data, info = zeroq.distill_zeroq(net, (1, 1, 12, 12), batch=4, iters=300, cache=False)
+    start = zeroq.zeroq_init((4, 1, 12, 12), torch.Generator().manual_seed(0))
+    assert info["algorithm"] == "zeroq" and info["loss_last"] < 0.5 * info["loss_first"]
+
+    def err(x):  # per image: distance of the first BN's input statistics to its running statistics
+        seen = []
+        h = net[1].register_forward_pre_hook(lambda m, a: seen.append(zeroq.per_sample_stats(a[0])))
+        with torch.no_grad():
+            net(x)
+        h.remove()
+        mu, sd = seen[0]
+        return (mu - net[1].running_mean).abs().amax(1) + (sd - net[1].running_var.sqrt()).abs().amax(1)
+
+    assert (err(data) < 0.5 * err(start)).all()  # every image on its own, not only the batch mean
+    assert all(p.requires_grad for p in net.parameters())  # restored
