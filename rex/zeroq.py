@@ -1,5 +1,8 @@
 """ZeroQ distilled data (Cai et al., CVPR 2020), used here only to set activation ranges.
 
+``distill_zeroq`` is ZeroQ's own algorithm (per-image statistics, its loss, lr 0.5, 500 iterations); ``distill``
+below is the cheaper batch-pooled variant the ``zeroq`` method still uses. Both share one descent loop.
+
 ``distill(model, shape, batch, steps, seed)`` optimizes a batch of inputs, initialised N(0, 1), with Adam so
 that, at every BatchNorm of the float model (before folding), the batch statistics of the BN input match
 the running statistics:
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -35,66 +38,86 @@ def _weights_key(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def distill(model: nn.Module, input_shape: tuple, batch: int = 8, steps: int = 200, seed: int = 0, lr: float = 0.2,
-            cache: bool = True, log_every: int = 0) -> tuple[torch.Tensor, dict]:
-    """Distilled inputs [batch, *input_shape[1:]] for a model with BatchNorm layers. Returns (data, info)."""
-    key = (_weights_key(model), tuple(input_shape[1:]), batch, steps, seed, lr)
-    if cache and key in _CACHE:
-        data, info = _CACHE[key]
-        return data.clone(), dict(info, cached=True)
-    t0 = time.perf_counter()
+def _batchnorms(model: nn.Module) -> list:
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
     if not bns:
         from .errors import ConfigError
 
         raise ConfigError("ZeroQ needs a model with BatchNorm layers (their running statistics are the distillation "
-                          "target); this model has none")
+                          "target); this model has none: n/a (no BatchNorm)")
+    return bns
+
+
+def _descend(model: nn.Module, x: torch.Tensor, iters: int, bn_term: Callable, input_term: Callable,
+             opt: torch.optim.Optimizer, after_step: Callable) -> tuple[Optional[float], Optional[float]]:
+    """Optimise the inputs ``x`` of the frozen float model (eval mode, no parameter gradients, both restored):
+    loss = sum over BatchNorms of ``bn_term(bn, bn_input)`` + ``input_term(x)``. Returns the first and last
+    losses. ``after_step(loss)`` steps the schedule."""
+    bns = _batchnorms(model)
     was_training = model.training
     model.eval()
     req = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, *input_shape[1:]), generator=gen).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=lr * 0.01)
-    losses: list = []
-
-    def hook(m, args):
-        a = args[0]
-        dims = [0] + list(range(2, a.dim()))
-        mu = a.mean(dims)
-        sd = torch.sqrt(a.var(dims, unbiased=False) + m.eps)
-        losses.append(torch.norm(mu - m.running_mean) + torch.norm(sd - torch.sqrt(m.running_var + m.eps)))
-
-    handles = [m.register_forward_pre_hook(hook) for m in bns]
-    history = []
+    terms: list = []
+    handles = [m.register_forward_pre_hook(lambda m, args: terms.append(bn_term(m, args[0]))) for m in bns]
+    first = last = None
     try:
-        for step in range(steps):
-            losses.clear()
+        for it in range(iters):
+            terms.clear()
             opt.zero_grad(set_to_none=True)
             _call(model, x)
-            dims = [0] + list(range(2, x.dim()))
-            in_loss = torch.norm(x.mean(dims)) + torch.norm(x.std(dims) - 1)
-            loss = torch.stack(losses).sum() + in_loss
+            loss = torch.stack(terms).sum() + input_term(x)
             loss.backward()
             opt.step()
-            sched.step()
-            if step == 0 or step == steps - 1 or (log_every and step % log_every == 0):
-                history.append((step, float(loss.detach())))
+            after_step(loss)
+            if it == 0:
+                first = float(loss.detach())
+            last = float(loss.detach())
     finally:
         for h in handles:
             h.remove()
         for p, r in req.items():
             p.requires_grad_(r)
         model.train(was_training)
-    data = x.detach()
-    info = dict(seconds=time.perf_counter() - t0, steps=steps, batch=batch, seed=seed, lr=lr,
-                loss_first=history[0][1] if history else None, loss_last=history[-1][1] if history else None,
-                cached=False)
+    return first, last
+
+
+def _cached(key, cache: bool, run: Callable) -> tuple[torch.Tensor, dict]:
+    if cache and key in _CACHE:
+        data, info = _CACHE[key]
+        return data.clone(), dict(info, cached=True)
+    data, info = run()
     if cache:
         _CACHE[key] = (data.clone(), info)
     return data, info
+
+
+def distill(model: nn.Module, input_shape: tuple, batch: int = 8, steps: int = 200, seed: int = 0, lr: float = 0.2,
+            cache: bool = True) -> tuple[torch.Tensor, dict]:
+    """Distilled inputs [batch, *input_shape[1:]] for a model with BatchNorm layers, statistics pooled over the
+    batch (the cheaper variant; ``distill_zeroq`` is ZeroQ's own). Returns (data, info)."""
+    def bn_term(m, a):
+        dims = [0] + list(range(2, a.dim()))
+        mu = a.mean(dims)  # before the variance: the op order fixes autograd's summation order, hence the bits
+        sd = torch.sqrt(a.var(dims, unbiased=False) + m.eps)
+        return torch.norm(mu - m.running_mean) + torch.norm(sd - torch.sqrt(m.running_var + m.eps))
+
+    def input_term(x):
+        dims = [0] + list(range(2, x.dim()))
+        return torch.norm(x.mean(dims)) + torch.norm(x.std(dims) - 1)
+
+    def run():
+        _batchnorms(model)
+        t0 = time.perf_counter()
+        x = torch.randn((batch, *input_shape[1:]), generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=lr * 0.01)
+        first, last = _descend(model, x, steps, bn_term, input_term, opt, lambda loss: sched.step())
+        return x.detach(), dict(seconds=time.perf_counter() - t0, steps=steps, batch=batch, seed=seed, lr=lr,
+                                loss_first=first, loss_last=last, cached=False)
+
+    return _cached((_weights_key(model), tuple(input_shape[1:]), batch, steps, seed, lr), cache, run)
 
 
 # ZeroQ's own settings (its repository's classification/distill_data.py and utils/data_utils.py): Adam at lr
@@ -126,65 +149,26 @@ def distill_zeroq(model: nn.Module, input_shape: tuple, batch: int = ZEROQ_BATCH
     model (before folding) is matched, image by image, to the BN's running mean and sqrt(var + eps)
     (``per_sample_stats``, ``zeroq_loss``), plus mean 0 / std 1 per image and channel of the input itself;
     Adam at ``lr`` with ReduceLROnPlateau for ``iters`` iterations from ZeroQ's uniform start."""
-    key = ("zeroq", _weights_key(model), tuple(input_shape[1:]), batch, iters, seed, lr)
-    if cache and key in _CACHE:
-        data, info = _CACHE[key]
-        return data.clone(), dict(info, cached=True)
-    bns = _batchnorms(model)
-    t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    req = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    x = zeroq_init((batch, *input_shape[1:]), gen).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-4, patience=100)
-    terms: list = []
+    def bn_term(m, a):
+        mu, sd = per_sample_stats(a)
+        return zeroq_loss(m.running_mean, mu) + zeroq_loss(torch.sqrt(m.running_var + ZEROQ_EPS), sd)
 
-    def hook(m, args):
-        mu, sd = per_sample_stats(args[0])
-        terms.append(zeroq_loss(m.running_mean, mu) + zeroq_loss(torch.sqrt(m.running_var + ZEROQ_EPS), sd))
+    def input_term(x):
+        mu, sd = per_sample_stats(x)
+        return zeroq_loss(torch.zeros(x.shape[1]), mu) + zeroq_loss(torch.ones(x.shape[1]), sd)
 
-    handles = [m.register_forward_pre_hook(hook) for m in bns]
-    history = []
-    try:
-        for it in range(iters):
-            terms.clear()
-            opt.zero_grad(set_to_none=True)
-            _call(model, x)
-            mu, sd = per_sample_stats(x)
-            loss = torch.stack(terms).sum() + zeroq_loss(torch.zeros(x.shape[1]), mu) + \
-                zeroq_loss(torch.ones(x.shape[1]), sd)
-            loss.backward()
-            opt.step()
-            sched.step(float(loss.detach()))
-            if it in (0, iters - 1):
-                history.append(float(loss.detach()))
-    finally:
-        for h in handles:
-            h.remove()
-        for p, r in req.items():
-            p.requires_grad_(r)
-        model.train(was_training)
-    data = x.detach()
-    info = dict(algorithm="zeroq", seconds=time.perf_counter() - t0, iters=iters, batch=batch, seed=seed, lr=lr,
-                loss_first=history[0] if history else None, loss_last=history[-1] if history else None,
-                lr_last=opt.param_groups[0]["lr"], cached=False)
-    if cache:
-        _CACHE[key] = (data.clone(), info)
-    return data, info
+    def run():
+        _batchnorms(model)
+        t0 = time.perf_counter()
+        x = zeroq_init((batch, *input_shape[1:]), torch.Generator().manual_seed(seed)).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-4, patience=100)
+        first, last = _descend(model, x, iters, bn_term, input_term, opt, lambda loss: sched.step(float(loss.detach())))
+        return x.detach(), dict(algorithm="zeroq", seconds=time.perf_counter() - t0, iters=iters, batch=batch,
+                                seed=seed, lr=lr, loss_first=first, loss_last=last,
+                                lr_last=opt.param_groups[0]["lr"], cached=False)
 
-
-def _batchnorms(model: nn.Module) -> list:
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
-    if not bns:
-        from .errors import ConfigError
-
-        raise ConfigError("ZeroQ needs a model with BatchNorm layers (their running statistics are the distillation "
-                          "target); this model has none: n/a (no BatchNorm)")
-    return bns
+    return _cached(("zeroq", _weights_key(model), tuple(input_shape[1:]), batch, iters, seed, lr), cache, run)
 
 
 def activation_ranges(model: nn.Module, data: torch.Tensor, percentile: Optional[float] = None,

@@ -325,9 +325,7 @@ class QuantLayer(nn.Module):
                     f"|q_x| {qx_max} >= 2^53 and cannot be simulated exactly; use fewer weight / activation bits for "
                     "this layer or mode='fake'")
             path = int_path(fan, qw_max, qx_max)
-            if path == "f32":
-                ws, sc, digits = [w for w, _ in terms], [s for _, s in terms], 1
-            elif path == "f32-digits":
+            if path == "f32-digits":
                 ws, sc, digits = [], [], 2
                 for w, s in terms:
                     h, lo = split_base16(w)
