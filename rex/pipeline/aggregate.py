@@ -20,11 +20,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-if __package__:
-    from . import grid as gridlib
-else:  # run by path (`python rex/pipeline/<this>.py`, as the pipeline does): skips importing torch via rex/__init__
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import grid as gridlib  # type: ignore[no-redef]
+from . import grid as gridlib
 
 SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status"]
 JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "label", "method", "base_method",

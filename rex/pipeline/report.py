@@ -19,11 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-if __package__:
-    from . import grid as gridlib
-else:  # run by path (`python rex/pipeline/<this>.py`, as the pipeline does): skips importing torch via rex/__init__
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import grid as gridlib  # type: ignore[no-redef]
+from . import grid as gridlib
 
 METHOD_DISPLAY = {"fp32": "FP32", "rtn": "RTN", "rex": "REx", "dfq": "DFQ", "squant": "SQuant", "ocs": "OCS",
                   "zeroq": "ZeroQ", "rex_dfq": "REx+DFQ", "rex_squant": "REx+SQuant"}
