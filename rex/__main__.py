@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
+
+from .io import atomic_write_json
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -150,10 +151,7 @@ def _write_json_atomic(path: Path, obj) -> None:
     from .errors import ConfigError
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, path)
+        atomic_write_json(path, obj, end="", indent=2, default=str)
     except OSError as exc:
         raise ConfigError(f"cannot write --json {path}: {exc.strerror or exc}; choose a writable path") from None
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from .io import atomic_torch_save, atomic_write_json
 from .spec import QuantSpec
 
 
@@ -83,10 +83,7 @@ def fp32_reference(model, model_name, dataset, dataset_name, limit, batch_size, 
                        threads=threads)
     logits = metrics.pop("logits")
     metrics.pop("fp_logits", None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"metrics": metrics, "logits": logits}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"metrics": metrics, "logits": logits}, path)
     return metrics, logits
 
 
@@ -231,10 +228,7 @@ def _dense_job(task: str, evaluate: Callable, metric_keys: tuple, model_name: st
     if fp is None or spec is None:
         fp = evaluate(model, **kw)
         fp = {k: v for k, v in fp.items() if isinstance(v, (int, float, str)) or v is None}
-        cpath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cpath.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(fp))
-        os.replace(tmp, cpath)
+        atomic_write_json(cpath, fp, end="")
     for k in metric_keys:
         if k in fp:
             out[f"fp32_{k}"] = fp[k]
