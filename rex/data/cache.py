@@ -2,7 +2,7 @@
 
 Images are decoded and geometrically preprocessed (resize, crop, channel conversion) once per
 (dataset, preprocessing geometry, file list) and stored as ONE uint8 tensor file under
-`rex.paths.cache_root()/datasets/`, written atomically (temporary file + os.replace) and read back with
+`rex.paths.cache_root()/datasets/`, written atomically (`rex.io.atomic_torch_save`) and read back with
 `torch.load(weights_only=True)`. Normalisation (mean/std) is applied on access, so the cache is shared by
 every model with the same geometry and stays 4x smaller than float32.
 """
