@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
+
+from .io import atomic_write_json
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -27,40 +28,31 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive_int(what: str):
-    def parse(v: str) -> int:
+def _typed(what: str, cast, kind: str, bound=None):
+    """An argparse ``type=`` that names the argument in its one-line error; ``bound`` = (test, text)."""
+    def parse(v: str):
         try:
-            n = int(v)
+            x = cast(v)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a positive integer, got {v!r}") from None
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"{what} must be a positive integer (>= 1), got {n}")
-        return n
+            raise argparse.ArgumentTypeError(f"{what} must be {kind}, got {v!r}") from None
+        if bound is not None and not bound[0](x):
+            raise argparse.ArgumentTypeError(f"{what} must be {kind} ({bound[1]}), got {x}")
+        return x
 
     parse.__name__ = what
     return parse
+
+
+def _positive_int(what: str):
+    return _typed(what, int, "a positive integer", (lambda n: n >= 1, ">= 1"))
 
 
 def _int(what: str):
-    def parse(v: str) -> int:
-        try:
-            return int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {v!r}") from None
-
-    parse.__name__ = what
-    return parse
+    return _typed(what, int, "an integer")
 
 
 def _float(what: str):
-    def parse(v: str) -> float:
-        try:
-            return float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, got {v!r}") from None
-
-    parse.__name__ = what
-    return parse
+    return _typed(what, float, "a number")
 
 
 def _budget(v: str):
@@ -150,10 +142,7 @@ def _write_json_atomic(path: Path, obj) -> None:
     from .errors import ConfigError
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, path)
+        atomic_write_json(path, obj, end="", indent=2, default=str)
     except OSError as exc:
         raise ConfigError(f"cannot write --json {path}: {exc.strerror or exc}; choose a writable path") from None
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from .io import atomic_write_json
+
 # (label, spec kwargs or None for FP32, extra)
 CONFIGS = [
     ("fp32", None, {}),
@@ -138,9 +140,7 @@ def main(args) -> int:
         python=platform.python_version(), limit=args.limit, batch_size=args.batch_size,
         loadavg=os.getloadavg(),
     )
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2, default=str))
-    os.replace(tmp, out)
+    atomic_write_json(out, dict(meta=meta, rows=rows), end="", indent=2, default=str)
     cols = ["model", "config", "status", "quant_seconds", "eval_seconds", "images_per_second", "eval_time_vs_fp32",
             "peak_rss_mb", "peak_rss_vs_fp32", "top1", "bops", "n"]
     with open(out.with_suffix(".csv"), "w", newline="") as f:

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+import rex
+
+from .io import atomic_torch_save, atomic_write_json
+from .models import example_input as make_example
+from .models import get_model, sha256_file
 from .spec import QuantSpec
 
 
@@ -42,16 +46,7 @@ def input_range_from_preprocess(pre) -> Optional[tuple[float, float]]:
 def _file_sha256(path) -> Optional[str]:
     if path is None or not Path(path).is_file():
         return None
-    try:
-        from .models import sha256_file  # cached by (path, size, mtime)
-
-        return sha256_file(Path(path))
-    except ImportError:  # pragma: no cover
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+    return sha256_file(Path(path))  # cached by (path, size, mtime)
 
 
 def _weights_info(entry, weights) -> dict:
@@ -83,17 +78,29 @@ def fp32_reference(model, model_name, dataset, dataset_name, limit, batch_size, 
                        threads=threads)
     logits = metrics.pop("logits")
     metrics.pop("fp_logits", None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"metrics": metrics, "logits": logits}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"metrics": metrics, "logits": logits}, path)
     return metrics, logits
+
+
+def _load(model_name: str, weights):
+    """(model, entry) of a registered model; ``weights`` (a path) overrides its checkpoint."""
+    bundle = get_model(model_name, weights=weights) if weights is not None else get_model(model_name)
+    return bundle.model, bundle.entry
+
+
+def _quantize_or_keep(out: dict, model, entry, weights, spec: Optional[QuantSpec], ex, in_range) -> torch.nn.Module:
+    """Record where the weights came from and the FP32 BOPs in ``out``; the quantized model (``_quantize_into``),
+    or ``model`` itself when ``spec`` is None (then its BOPs are the FP32 ones)."""
+    out.update(_weights_info(entry, weights))
+    out["fp32_bops"] = rex.bops(model, ex)
+    if spec is None:
+        out["bops"] = out["plain_bops"] = out["fp32_bops"]
+        return model
+    return _quantize_into(out, model, spec, ex, in_range)
 
 
 def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range) -> torch.nn.Module:
     """Quantize, and record BOPs, size, plain-order BOPs and the per-layer checks in ``out``."""
-    import rex
-
     out["spec"] = spec.label()
     t0 = time.perf_counter()
     qmodel = rex.quantize(model, spec, example_input=ex, input_range=in_range)
@@ -128,22 +135,11 @@ def classification_job(
     """Quantize a registered classification model and (when ``dataset`` is given) evaluate FP32 and
     quantized. ``spec=None`` evaluates the float model only. ``weights`` overrides the registry's checkpoint
     (a path); ``threads`` sets torch's intra-op threads for the evaluation."""
-    import rex
-    from .models import example_input as make_example
-    from .models import get_model
-
-    bundle = get_model(model_name, weights=weights) if weights is not None else get_model(model_name)
-    model, entry = bundle.model, bundle.entry
+    model, entry = _load(model_name, weights)
     ex = make_example(entry, batch=1)
     in_range = input_range_from_preprocess(entry.preprocess)
     out: dict = dict(model=model_name, task=entry.task)
-    out.update(_weights_info(entry, weights))
-    out["fp32_bops"] = rex.bops(model, ex)
-    qmodel = model
-    if spec is not None:
-        qmodel = _quantize_into(out, model, spec, ex, in_range)
-    else:
-        out["bops"] = out["plain_bops"] = out["fp32_bops"]
+    qmodel = _quantize_or_keep(out, model, entry, weights, spec, ex, in_range)
     if dataset:
         from .data import get_dataset
         from .evaluate.classification import evaluate
@@ -195,11 +191,7 @@ def _dense_input_range(model_name: str, entry) -> tuple[float, float]:
 def _dense_job(task: str, evaluate: Callable, metric_keys: tuple, model_name: str, spec: Optional[QuantSpec],
                limit=None, progress=True, dataset_root=None, weights=None, threads=None, keep_model=False,
                evaluate_kw: Optional[dict] = None) -> dict:
-    import rex
-    from .models import get_model
-
-    bundle = get_model(model_name, weights=weights) if weights is not None else get_model(model_name)
-    model, entry = bundle.model, bundle.entry
+    model, entry = _load(model_name, weights)
     if entry.task != task:
         from .errors import ConfigError
 
@@ -208,13 +200,7 @@ def _dense_job(task: str, evaluate: Callable, metric_keys: tuple, model_name: st
     ex = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     in_range = _dense_input_range(model_name, entry)
     out: dict = dict(model=model_name, task=task)
-    out.update(_weights_info(entry, weights))
-    out["fp32_bops"] = rex.bops(model, ex)
-    qmodel = model
-    if spec is not None:
-        qmodel = _quantize_into(out, model, spec, ex, in_range)
-    else:
-        out["bops"] = out["plain_bops"] = out["fp32_bops"]
+    qmodel = _quantize_or_keep(out, model, entry, weights, spec, ex, in_range)
     kw = dict(data_root=dataset_root, max_images=limit, progress=progress, threads=threads, **(evaluate_kw or {}))
     # FP32 metrics: cached per (model, weights, data root, limit)
     from .paths import cache_root
@@ -231,10 +217,7 @@ def _dense_job(task: str, evaluate: Callable, metric_keys: tuple, model_name: st
     if fp is None or spec is None:
         fp = evaluate(model, **kw)
         fp = {k: v for k, v in fp.items() if isinstance(v, (int, float, str)) or v is None}
-        cpath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cpath.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(fp))
-        os.replace(tmp, cpath)
+        atomic_write_json(cpath, fp, end="")
     for k in metric_keys:
         if k in fp:
             out[f"fp32_{k}"] = fp[k]

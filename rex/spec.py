@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import labels
 from .errors import ConfigError
 from .quant import check_bits
 
@@ -206,14 +207,8 @@ class QuantSpec:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def label(self) -> str:
-        """Self-describing short name: method=rex,w=4,a=8,K=2,budget=1.5"""
-        a = self.abits if self.abits is not None else 32
-        parts = [f"method={self.method}", f"w={self.wbits}", f"a={a}", f"K={self.order}"]
-        if self.budget is not None:
-            parts.append(f"budget={self.budget:g}")
-            if self.allocation != "uniform":
-                parts.append(f"alloc={self.allocation}")
-        return ",".join(parts)
+        """Self-describing short name: method=rex,w=4,a=8,K=2,budget=1.5 (the job folder's; ``rex.labels``)"""
+        return labels.label(self.method, self.wbits, self.abits, self.order, self.budget, self.allocation)
 
 
 # keys of the pipeline's config groups that map onto QuantSpec fields (``QuantSpec.from_config``)

@@ -4,7 +4,8 @@
 
 Writes `model.pt` (a plain state_dict) and `metrics.json` (test accuracy, seed, epochs, sha256 of
 model.pt, timings, recipe) into `--out` (default `rex.paths.cache_root()/models/<name>/`, where
-`rex.models.get_model` looks), each atomically (temporary file + os.replace).
+`rex.models.get_model` looks), each atomically (``rex.io``). ``ensure_trained`` trains only when no valid
+checkpoint is there.
 
 Data: the 60,000 Fashion-MNIST training images held in memory as uint8 and batched without worker
 processes; light augmentation (random crop with 2-pixel zero padding, horizontal flip) drawn from a
@@ -13,23 +14,23 @@ seeded generator. Optimiser: SGD (Nesterov momentum 0.9) or Adam, linear warm-up
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from . import paths
-from .errors import ConfigError, RexError
+from .data.fashion_mnist import FMNIST_MEAN, FMNIST_STD, load_arrays
+from .errors import ConfigError, RexError, UnknownNameError
+from .io import atomic_torch_save, atomic_write_json, sha256_file
+from .models import checkpoint_dir, checkpoint_ok
+from .models.small import BUILDERS
 
 # Default recipes. Measured (seed 0, 2 threads, torch 2.14.1): resnet20_fmnist 3 epochs -> 91.45 % test
 # (~80 s/epoch on 2 idle cores, ~4 CPU-min in all); mobilenetv2_fmnist 3 epochs -> 90.45 %. Wall time
@@ -39,36 +40,6 @@ RECIPES = {
     "mobilenetv2_fmnist": dict(epochs=3, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=4e-5),
 }
 SMOKE = dict(epochs=1, limit=512, test_limit=500)
-
-
-def checkpoint_dir(name: str) -> Path:
-    return paths.cache_root() / "models" / name
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches are shared
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _augment(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
@@ -99,12 +70,7 @@ def train(name: str, *, epochs: Optional[int] = None, seed: int = 0, out: Option
           test_limit: Optional[int] = None, augment: bool = True, eval_each_epoch: bool = False,
           progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Train `name` on Fashion-MNIST train, evaluate on test, write model.pt + metrics.json; return metrics."""
-    from .data.fashion_mnist import FMNIST_MEAN, FMNIST_STD, load_arrays
-    from .models.small import BUILDERS
-
     if name not in RECIPES:
-        from .errors import UnknownNameError
-
         raise UnknownNameError("trainable model", name, RECIPES)
     recipe = dict(RECIPES[name])
     for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
@@ -220,7 +186,7 @@ def train(name: str, *, epochs: Optional[int] = None, seed: int = 0, out: Option
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
 
         model_path = out_dir / "model.pt"
-        _atomic_write_bytes(model_path, lambda f: torch.save(state, f))
+        atomic_torch_save(state, model_path)
         metrics = {
             "model": name,
             "test_accuracy": round(test_acc, 3),
@@ -241,14 +207,37 @@ def train(name: str, *, epochs: Optional[int] = None, seed: int = 0, out: Option
             "python": platform.python_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _atomic_write_bytes(out_dir / "metrics.json",
-                            lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
+        atomic_write_json(out_dir / "metrics.json", metrics, indent=2)
         log(f"[{name}] test accuracy {test_acc:.2f}% (n={len(x_test)}), trained in {train_seconds:.0f} s "
             f"on {torch.get_num_threads()} thread(s); wrote {model_path}")
         return metrics
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
+
+
+def ensure_trained(name: str, out: Optional[os.PathLike] = None, **train_kw: Any) -> Path:
+    """Train `name` (default recipe, or `train_kw` for `train`) unless a valid checkpoint exists.
+
+    Returns the checkpoint folder. Concurrent callers are serialised with a file lock.
+    """
+    if name not in RECIPES:
+        raise UnknownNameError("trainable model", name, RECIPES)
+    d = Path(out) if out is not None else checkpoint_dir(name)
+    if checkpoint_ok(name, d):
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        from filelock import FileLock
+    except ImportError:  # pragma: no cover
+        FileLock = None  # type: ignore[assignment]
+    if FileLock is None:
+        train(name, out=d, **train_kw)
+        return d
+    with FileLock(str(d / ".train.lock")):
+        if not checkpoint_ok(name, d):
+            train(name, out=d, **train_kw)
+    return d
 
 
 def main(argv=None) -> int:

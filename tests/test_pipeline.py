@@ -68,6 +68,21 @@ def test_label_matches_quantspec():
             assert gridlib.parse_label(spec.label())["order"] == k
 
 
+def test_pipeline_core_imports_without_torch():
+    """The Snakefile imports rex.pipeline.grid while it builds the DAG (and the aggregate / report / tracking rules
+    run their modules): none of that may import torch. A bare `import rex` still offers the library's names."""
+    def run(code):
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    for mod in ("rex.pipeline.grid", "rex.pipeline.aggregate", "rex.pipeline.report", "rex.pipeline.tracking",
+                "rex.labels", "rex.io"):
+        r = run(f"import sys, {mod}; assert 'torch' not in sys.modules, 'torch imported'")
+        assert r.returncode == 0, f"import {mod}: {r.stderr[-2000:]}"
+    r = run("import sys, rex; assert 'torch' not in sys.modules; rex.quantize, rex.QuantSpec, rex.models.get_model; "
+            "assert 'torch' in sys.modules; print(rex.QuantSpec(method='rtn').label())")
+    assert r.returncode == 0 and r.stdout.strip() == "method=rtn,w=4,a=8,K=1", r.stderr[-2000:]
+
+
 def test_expansion_only_sensible_combinations():
     cfg = {"models": [{"model": "resnet20_fmnist", "dataset": "fashion_mnist", "limit": 10}],
            "methods": [{"method": "rex", "bits": [[4, 8], [4, None]], "orders": [1, 2], "budgets": [None, 1.5]},

@@ -7,9 +7,9 @@ from torch import nn
 
 from rex.data import Preprocess, TensorImageDataset
 from rex.evaluate.classification import evaluate
-from rex.models import checkpoint_ok, ensure_trained, get_model
+from rex.models import checkpoint_ok, get_model
 from rex.train import main as train_main
-from rex.train import sha256_file, train
+from rex.train import ensure_trained, sha256_file, train
 
 PRE = Preprocess(resize=None, crop=None, mean=(0.5,), std=(0.5,), input_size=(2, 2), channels=1)
 

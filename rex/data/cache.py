@@ -2,7 +2,7 @@
 
 Images are decoded and geometrically preprocessed (resize, crop, channel conversion) once per
 (dataset, preprocessing geometry, file list) and stored as ONE uint8 tensor file under
-`rex.paths.cache_root()/datasets/`, written atomically (temporary file + os.replace) and read back with
+`rex.paths.cache_root()/datasets/`, written atomically (`rex.io.atomic_torch_save`) and read back with
 `torch.load(weights_only=True)`. Normalisation (mean/std) is applied on access, so the cache is shared by
 every model with the same geometry and stays 4x smaller than float32.
 """
@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -21,6 +20,7 @@ from torch.utils.data import Dataset
 
 from .. import paths
 from ..errors import DatasetError
+from ..io import atomic_torch_save
 from .preprocess import Preprocess
 
 CACHE_VERSION = 1
@@ -155,24 +155,6 @@ def cache_path(name: str, key: dict) -> Path:
     return cache_dir() / f"{name}-{digest[:20]}.pt"
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches are shared
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _load_cache(path: Path, n_expected: int):
     try:
         payload = torch.load(path, weights_only=True, map_location="cpu")
@@ -183,6 +165,16 @@ def _load_cache(path: Path, n_expected: int):
     except Exception as exc:  # corrupted / stale cache: rebuild it
         print(f"rex.data: ignoring unreadable cache {path} ({exc}); rebuilding", file=sys.stderr)
         return None
+
+
+def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> Optional[Path]:
+    """Store decoded images + labels at ``path``; None when it cannot be written (the data is still usable)."""
+    try:
+        atomic_torch_save({"images": images, "labels": labels, "version": CACHE_VERSION}, path)
+    except OSError as exc:
+        print(f"rex.data: could not write cache {path}: {exc}", file=sys.stderr)
+        return None
+    return path
 
 
 def _progress(iterable, total: int, desc: str):
@@ -240,11 +232,7 @@ def build_image_dataset(name: str, root: Path, files: Sequence[Path], labels: Se
     for i, p in enumerate(_progress(files, n, f"decoding {name}")):
         images[i] = decode_image(p, preprocess)
     if path is not None:
-        try:
-            atomic_torch_save({"images": images, "labels": labels_t, "version": CACHE_VERSION}, path)
-        except OSError as exc:
-            print(f"rex.data: could not write cache {path}: {exc}", file=sys.stderr)
-            path = None
+        path = _write_cache(path, images, labels_t)
     return TensorImageDataset(name, images, labels_t, preprocess, classes,
                               [os.path.relpath(p, root) for p in files], root, path)
 
@@ -263,9 +251,5 @@ def cached_tensor(name: str, key: dict, build: Callable[[], Tuple[torch.Tensor, 
             print(f"rex.data: ignoring unreadable cache {path} ({exc}); rebuilding", file=sys.stderr)
     images, labels = build()
     if path is not None:
-        try:
-            atomic_torch_save({"images": images, "labels": labels, "version": CACHE_VERSION}, path)
-        except OSError as exc:
-            print(f"rex.data: could not write cache {path}: {exc}", file=sys.stderr)
-            path = None
+        path = _write_cache(path, images, labels)
     return images, labels, path

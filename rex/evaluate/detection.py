@@ -8,28 +8,17 @@
 """
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 from typing import Optional, Union
 
 import torch.nn as nn
 
-from rex.errors import ConfigError, RexError
+from rex.mm import require
+from rex.mm.loop import as_mm_model, quiet_unless, run_test_loop
 
 __all__ = ["evaluate", "REFERENCE_FP32"]
 
 REFERENCE_FP32 = {"AP": 19.1, "AP50": 35.7, "AP75": 17.6}  # fastestdet_coco on coco-val2017-first128 (n=128)
-
-
-def _require_mmdet():
-    try:
-        import mmcv.ops  # noqa: F401
-        import mmdet.models  # noqa: F401
-    except Exception as e:
-        raise RexError(
-            f"detection evaluation needs mmcv (with compiled ops), mmengine and mmdet 3.x ({type(e).__name__}: {e}). "
-            f"Run `bash workflow/scripts/setup.sh` to install them into .venv.") from e
 
 
 def evaluate(model: nn.Module, data_root: Union[str, Path, None] = None, max_images: Optional[int] = None,
@@ -50,22 +39,14 @@ def evaluate(model: nn.Module, data_root: Union[str, Path, None] = None, max_ima
         decimals of the fraction, i.e. 0.1-point resolution), ``n`` (images), ``detections``, ``seconds`` (data +
         forward + decoding, without the metric) and ``seconds_per_image``.
     """
-    _require_mmdet()
+    require("detection")
     from mmdet.models.detectors.base import BaseDetector
 
     from rex.mm.det import FastestDetDetector, build_coco_metric, build_coco_subset, fastestdet_test_pipeline
-    from rex.mm.loop import run_test_loop
 
-    if max_images is not None and int(max_images) < 1:
-        raise ConfigError(f"max_images must be >= 1 or None, got {max_images}")
-    if isinstance(model, BaseDetector):
-        detector = model
-    elif isinstance(model, nn.Module):
-        detector = FastestDetDetector(net=model, score_thr=score_thr, iou_thr=iou_thr)
-    else:
-        raise ConfigError(f"evaluate() needs an nn.Module, got {type(model).__name__}")
-    sink = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
-    with sink:  # pycocotools prints
+    detector = as_mm_model(model, BaseDetector, lambda net: FastestDetDetector(net=net, score_thr=score_thr,
+                                                                                iou_thr=iou_thr), max_images)
+    with quiet_unless(progress):  # pycocotools prints
         pipeline = fastestdet_test_pipeline(tuple(input_size)) if input_size else None
         dataset = build_coco_subset(data_root, max_images=max_images, pipeline=pipeline)
         metric = build_coco_metric(dataset, classwise=classwise)

@@ -9,28 +9,17 @@ count as false positives; FP32 mIoU 55.59, aAcc 86.35); ``void_mode="ignore"`` m
 """
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 from typing import Optional, Union
 
 import torch.nn as nn
 
-from rex.errors import ConfigError, RexError
+from rex.mm import require
+from rex.mm.loop import as_mm_model, quiet_unless, run_test_loop
 
 __all__ = ["evaluate", "REFERENCE_FP32"]
 
 REFERENCE_FP32 = {"mIoU": 55.59, "aAcc": 86.35}  # espnet_camvid on camvid-test-sub4 (n=59)
-
-
-def _require_mmseg():
-    try:
-        import mmcv.ops  # noqa: F401
-        import mmseg.models  # noqa: F401
-    except Exception as e:
-        raise RexError(
-            f"segmentation evaluation needs mmcv (with compiled ops), mmengine and mmsegmentation 1.x "
-            f"({type(e).__name__}: {e}). Run `bash workflow/scripts/setup.sh` to install them into .venv.") from e
 
 
 def evaluate(model: nn.Module, data_root: Union[str, Path, None] = None, max_images: Optional[int] = None,
@@ -50,20 +39,12 @@ def evaluate(model: nn.Module, data_root: Union[str, Path, None] = None, max_ima
         dict with ``mIoU``, ``aAcc``, ``mAcc`` (percent, 2 decimals as IoUMetric reports), ``n``, ``seconds`` (data +
         forward + argmax, without the metric) and ``seconds_per_image``.
     """
-    _require_mmseg()
+    require("segmentation")
     from mmseg.models.segmentors.base import BaseSegmentor
 
-    from rex.mm.loop import run_test_loop
     from rex.mm.seg import ESPNetSegmentor, build_camvid_subset, build_iou_metric
 
-    if max_images is not None and int(max_images) < 1:
-        raise ConfigError(f"max_images must be >= 1 or None, got {max_images}")
-    if isinstance(model, BaseSegmentor):
-        segmentor = model
-    elif isinstance(model, nn.Module):
-        segmentor = ESPNetSegmentor(net=model, variant="camvid")
-    else:
-        raise ConfigError(f"evaluate() needs an nn.Module, got {type(model).__name__}")
+    segmentor = as_mm_model(model, BaseSegmentor, lambda net: ESPNetSegmentor(net=net, variant="camvid"), max_images)
     dataset = build_camvid_subset(data_root, max_images=max_images, void_mode=void_mode)
     metric = build_iou_metric(dataset)
     per_class_iou = {}
@@ -77,8 +58,7 @@ def evaluate(model: nn.Module, data_root: Union[str, Path, None] = None, max_ima
             return _compute(results)
 
         metric.compute_metrics = compute
-    sink = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
-    with sink:
+    with quiet_unless(progress):
         res, n, seconds = run_test_loop(segmentor, dataset, metric, progress=progress, desc="segmentation",
                                         threads=threads)
     out = {"mIoU": round(float(res["mIoU"]), 2), "aAcc": round(float(res["aAcc"]), 2),

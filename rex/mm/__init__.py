@@ -7,7 +7,14 @@ Importing ``rex.mm`` does not import mmdet / mmseg / mmcv; the submodules do (``
 """
 from __future__ import annotations
 
-__all__ = ["available", "register_all", "load_user_model"]
+import importlib
+
+from rex.errors import RexError
+
+__all__ = ["available", "require", "register_all", "load_user_model"]
+
+# task -> (the mm package's module that must import, what to install)
+_MM_PACKAGE = {"detection": ("mmdet.models", "mmdet 3.x"), "segmentation": ("mmseg.models", "mmsegmentation 1.x")}
 
 
 def available(task: str = "both") -> bool:
@@ -21,6 +28,18 @@ def available(task: str = "both") -> bool:
     except Exception:  # ImportError, or mmcv's version asserts
         return False
     return True
+
+
+def require(task: str) -> None:
+    """Raise a RexError saying what to install unless mmcv (compiled ops) and the task's mm package import."""
+    module, package = _MM_PACKAGE[task]
+    try:
+        import mmcv.ops  # noqa: F401
+        importlib.import_module(module)
+    except Exception as e:  # ImportError, or mmcv's version asserts
+        raise RexError(
+            f"{task} evaluation needs mmcv (with compiled ops), mmengine and {package} ({type(e).__name__}: {e}). "
+            f"Run `bash workflow/scripts/setup.sh` to install them into .venv.") from e
 
 
 def register_all() -> None:

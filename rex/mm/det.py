@@ -28,9 +28,8 @@ from mmdet.registry import DATASETS, METRICS, MODELS
 from mmdet.structures import DetDataSample
 from mmengine.structures import InstanceData
 
-from rex.errors import DatasetError
+from rex.mm.common import InferenceOnly, subset_dir, wrapped_net
 from rex.models.fastestdet import COCO80_TO_91, FASTESTDET_ENTRY, build_fastestdet, decode_fastestdet
-from rex.paths import data_root as _data_root
 
 __all__ = ["FastestDetDetector", "RexCocoDataset", "fastestdet_test_pipeline", "build_coco_subset",
            "build_coco_metric", "RexCocoMetric", "coco_subset_dir", "COCO_SUBSET_NAME", "COCO_SUBSET_ANN"]
@@ -82,8 +81,8 @@ class RexCocoMetric(CocoMetric):
 
 
 @MODELS.register_module(name="RexFastestDet", force=True)
-class FastestDetDetector(BaseDetector):
-    """mmdet detector around a FastestDet network.
+class FastestDetDetector(InferenceOnly, BaseDetector):
+    """mmdet detector around a FastestDet network (inference only).
 
     Args:
         net: the network (``nn.Module``: BGR [0,1] ``N x 3 x H x W`` -> ``N x (5+K) x H/16 x W/16``). ``None`` builds
@@ -93,6 +92,8 @@ class FastestDetDetector(BaseDetector):
         max_per_img: optional cap on detections per image after NMS (``None`` = no cap, the reference protocol).
     """
 
+    REGISTRY_NAME = "RexFastestDet"
+
     def __init__(self, net: Union[nn.Module, dict, None] = None, weights_path: Optional[str] = None,
                  score_thr: float = 0.001, iou_thr: float = 0.45, max_per_img: Optional[int] = None,
                  data_preprocessor: Union[dict, nn.Module, None] = None, init_cfg=None):
@@ -101,26 +102,14 @@ class FastestDetDetector(BaseDetector):
             data_preprocessor = DetDataPreprocessor(mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0],
                                                     bgr_to_rgb=False, pad_size_divisor=1)
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        if isinstance(net, nn.Module):
-            self.net = net
-        else:
-            kw = dict(net or {})
-            if weights_path is not None:
-                kw["weights_path"] = weights_path
-            self.net = build_fastestdet(**kw)
+        self.net = wrapped_net(net, weights_path, build_fastestdet)
         self.score_thr, self.iou_thr, self.max_per_img = score_thr, iou_thr, max_per_img
-
-    def init_weights(self):  # never re-initialise the wrapped (pretrained or quantized) network
-        pass
 
     def extract_feat(self, batch_inputs: torch.Tensor):
         return self.net(batch_inputs)
 
     def _forward(self, batch_inputs: torch.Tensor, batch_data_samples=None):
         return self.net(batch_inputs)
-
-    def loss(self, batch_inputs, batch_data_samples):
-        raise NotImplementedError("RexFastestDet is inference-only (the rex pipeline is data-free: no training)")
 
     @torch.no_grad()
     def predict(self, batch_inputs: torch.Tensor, batch_data_samples: Sequence[DetDataSample],
@@ -163,13 +152,8 @@ def fastestdet_test_pipeline(input_size=FASTESTDET_ENTRY["input_size"], as_confi
 
 def coco_subset_dir(data_root: Union[str, Path, None] = None) -> Path:
     """Folder holding ``images/`` and the GT json: ``data_root`` itself, or ``data_root/coco-val2017-first128``."""
-    root = Path(data_root) if data_root is not None else _data_root()
-    for cand in (root, root / COCO_SUBSET_NAME):
-        if (cand / COCO_SUBSET_ANN).is_file() and (cand / "images").is_dir():
-            return cand
-    raise DatasetError(
-        f"COCO subset not found under {root}: expected {COCO_SUBSET_ANN} and images/ there or in "
-        f"{root / COCO_SUBSET_NAME}. Set REX_DATA_ROOT to the shared data folder or pass data_root=.")
+    return subset_dir(data_root, COCO_SUBSET_NAME, lambda d: (d / COCO_SUBSET_ANN).is_file() and (d / "images").is_dir(),
+                      "COCO", f"{COCO_SUBSET_ANN} and images/")
 
 
 def build_coco_subset(data_root=None, max_images: Optional[int] = None, pipeline=None,

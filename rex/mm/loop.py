@@ -5,10 +5,32 @@ Equivalent to mmengine's ``Runner.test()`` with batch size 1 (same ``test_step``
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn as nn
+
+from rex.errors import ConfigError
+
+
+def as_mm_model(model, mm_base: type, wrap: Callable[[nn.Module], nn.Module], max_images: Optional[int]):
+    """The mm model to test: ``model`` itself when it already is one (an ``mm_base``), else the bare network
+    wrapped by ``wrap``. Checks ``max_images`` first (>= 1 or None)."""
+    if max_images is not None and int(max_images) < 1:
+        raise ConfigError(f"max_images must be >= 1 or None, got {max_images}")
+    if isinstance(model, mm_base):
+        return model
+    if isinstance(model, nn.Module):
+        return wrap(model)
+    raise ConfigError(f"evaluate() needs an nn.Module, got {type(model).__name__}")
+
+
+def quiet_unless(progress: bool):
+    """A context that swallows stdout (pycocotools and mm* print tables) unless ``progress``."""
+    return contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
 
 
 def run_test_loop(mm_model, dataset, metrics, progress: bool = True, desc: str = "eval",

@@ -31,7 +31,7 @@ from mmseg.registry import DATASETS, MODELS
 from rex.errors import ConfigError, DatasetError
 from rex.models.espnet import (CAMVID_CLASSES, CAMVID_MEAN_BGR, CAMVID_STD_BGR, CITYSCAPES_MEAN_BGR,
                                CITYSCAPES_STD_BGR, build_espnet_camvid, build_espnet_cityscapes)
-from rex.paths import data_root as _data_root
+from rex.mm.common import InferenceOnly, subset_dir, wrapped_net
 
 __all__ = ["ESPNetSegmentor", "RexCamVidDataset", "espnet_test_pipeline", "build_camvid_subset", "build_iou_metric",
            "camvid_subset_dir", "CAMVID_SUBSET_NAME"]
@@ -66,8 +66,8 @@ class RexCamVidDataset(BaseSegDataset):
 
 
 @MODELS.register_module(name="RexESPNetSegmentor", force=True)
-class ESPNetSegmentor(BaseSegmentor):
-    """mmseg segmentor around an ESPNet network.
+class ESPNetSegmentor(InferenceOnly, BaseSegmentor):
+    """mmseg segmentor around an ESPNet network (inference only).
 
     Args:
         net: the network (BGR normalised input -> logits at input resolution). ``None`` builds the bundled model of
@@ -77,6 +77,8 @@ class ESPNetSegmentor(BaseSegmentor):
         resize_to: optional (H, W) the normalised image is bilinearly resized to before the network (the Cityscapes
             recipe uses (512, 1024)); logits are resized back to the original size by ``postprocess_result``.
     """
+
+    REGISTRY_NAME = "RexESPNetSegmentor"
 
     def __init__(self, net: Union[nn.Module, dict, None] = None, variant: str = "camvid",
                  weights_path: Optional[str] = None, mean: Optional[Sequence[float]] = None,
@@ -89,13 +91,7 @@ class ESPNetSegmentor(BaseSegmentor):
             # only stacks the uint8 BGR images into a float batch; normalisation happens in predict (float64)
             data_preprocessor = SegDataPreProcessor(mean=None, std=None, bgr_to_rgb=False, pad_val=0, seg_pad_val=255)
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        if isinstance(net, nn.Module):
-            self.net = net
-        else:
-            kw = dict(net or {})
-            if weights_path is not None:
-                kw["weights_path"] = weights_path
-            self.net = (build_espnet_camvid if variant == "camvid" else build_espnet_cityscapes)(**kw)
+        self.net = wrapped_net(net, weights_path, build_espnet_camvid if variant == "camvid" else build_espnet_cityscapes)
         dmean, dstd = ((CAMVID_MEAN_BGR, CAMVID_STD_BGR) if variant == "camvid"
                        else (CITYSCAPES_MEAN_BGR, CITYSCAPES_STD_BGR))
         self.register_buffer("norm_mean", torch.tensor(mean or dmean, dtype=torch.float64).view(1, -1, 1, 1), False)
@@ -104,9 +100,6 @@ class ESPNetSegmentor(BaseSegmentor):
         self.size_divisor = int(size_divisor or 1)
         self.resize_to = tuple(resize_to) if resize_to else None
         self.align_corners = False
-
-    def init_weights(self):  # never re-initialise the wrapped (pretrained or quantized) network
-        pass
 
     def _normalise(self, inputs: torch.Tensor) -> torch.Tensor:
         # float64 arithmetic then float32, as the reference (bit-exact logits)
@@ -136,9 +129,6 @@ class ESPNetSegmentor(BaseSegmentor):
     def _forward(self, inputs: torch.Tensor, data_samples=None):
         return self._logits(inputs)
 
-    def loss(self, inputs, data_samples):
-        raise NotImplementedError("RexESPNetSegmentor is inference-only (the rex pipeline is data-free: no training)")
-
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor, data_samples=None):
         return self.postprocess_result(self._logits(inputs), data_samples)
@@ -160,13 +150,8 @@ def espnet_test_pipeline(as_config: bool = False) -> list:
 
 def camvid_subset_dir(data_root: Union[str, Path, None] = None) -> Path:
     """Folder holding ``test/`` and ``testannot/``: ``data_root`` itself or ``data_root/camvid-test-sub4``."""
-    root = Path(data_root) if data_root is not None else _data_root()
-    for cand in (root, root / CAMVID_SUBSET_NAME):
-        if (cand / "test").is_dir() and (cand / "testannot").is_dir():
-            return cand
-    raise DatasetError(
-        f"CamVid subset not found under {root}: expected test/ and testannot/ there or in "
-        f"{root / CAMVID_SUBSET_NAME}. Set REX_DATA_ROOT to the shared data folder or pass data_root=.")
+    return subset_dir(data_root, CAMVID_SUBSET_NAME, lambda d: (d / "test").is_dir() and (d / "testannot").is_dir(),
+                      "CamVid", "test/ and testannot/")
 
 
 def build_camvid_subset(data_root=None, max_images: Optional[int] = None, pipeline=None,

@@ -21,8 +21,8 @@ Builders registered with `register_model(name, builder, entry=...)` are called a
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
+import json
 import os
 import threading
 from dataclasses import dataclass, field, replace
@@ -33,11 +33,14 @@ import torch
 from torch import nn
 
 from .. import paths
+from ..data.fashion_mnist import PREPROCESS as FMNIST_PREPROCESS
 from ..data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from ..errors import CheckpointError, ConfigError, RexError, UnknownNameError
+from ..errors import CheckpointError, ConfigError, RexError, UnknownNameError, describe_load_error
+from ..io import sha256_file as _file_sha256
+from .small import BUILDERS as FMNIST_BUILDERS
 
-__all__ = ["ModelBundle", "ModelEntry", "Preprocess", "example_input", "ensure_trained", "get_entry",
-           "get_model", "list_models", "checkpoint_ok", "load_checkpoint", "load_state_dict_checked", "register_model",
+__all__ = ["ModelBundle", "ModelEntry", "Preprocess", "example_input", "get_entry",
+           "get_model", "list_models", "checkpoint_dir", "checkpoint_ok", "load_checkpoint", "load_state_dict_checked", "register_model",
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
 PathLike = Union[str, os.PathLike]
@@ -195,11 +198,7 @@ def sha256_file(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASH_CACHE[key] = h.hexdigest()
+        _HASH_CACHE[key] = _file_sha256(path)
     return _HASH_CACHE[key]
 
 
@@ -222,8 +221,6 @@ def load_checkpoint(path: PathLike, sha256: Optional[str] = None, *, what: str =
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # pickle / zip / EOF errors from a truncated or foreign file
-        from ..errors import describe_load_error
-
         raise CheckpointError(f"cannot read {what} {path} ({describe_load_error(exc)}): "
                               f"the file is truncated, corrupted or not a PyTorch state_dict; {fix}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -249,18 +246,19 @@ def load_state_dict_checked(model: nn.Module, state: Dict[str, torch.Tensor], pa
 
 # ------------------------------------------------------------------------------ Fashion-MNIST models
 
-def _fmnist_entry(name: str) -> ModelEntry:
-    from ..data.fashion_mnist import PREPROCESS
+def checkpoint_dir(name: str) -> Path:
+    """Where ``python -m rex.train --model <name>`` writes ``model.pt`` + ``metrics.json`` by default."""
+    return paths.cache_root() / "models" / name
 
-    return ModelEntry(name=name, task="classification", num_classes=10, preprocess=PREPROCESS,
+
+def _fmnist_entry(name: str) -> ModelEntry:
+    return ModelEntry(name=name, task="classification", num_classes=10, preprocess=FMNIST_PREPROCESS,
                       default_dataset="fashion_mnist",
-                      weights_file=str(paths.cache_root() / "models" / name / "model.pt"),
+                      weights_file=str(checkpoint_dir(name) / "model.pt"),
                       description=f"{name}: trained here on Fashion-MNIST (python -m rex.train --model {name})")
 
 
 def _read_metrics(ckpt: Path) -> Optional[dict]:
-    import json
-
     mpath = ckpt.parent / "metrics.json"
     if not mpath.is_file():
         return None
@@ -271,27 +269,25 @@ def _read_metrics(ckpt: Path) -> Optional[dict]:
 
 
 def _build_fmnist(entry: ModelEntry, weights: Optional[PathLike] = None, **kw: Any) -> nn.Module:
-    from .small import BUILDERS
-
     if kw:
         raise ConfigError(f"{entry.name} takes no build options, got {sorted(kw)}")
     path = Path(weights) if weights is not None else entry.weights_path
     assert path is not None
     fix = (f"train it with `python -m rex.train --model {entry.name}` (writes {path.parent}/model.pt "
-           "and metrics.json), or call rex.models.ensure_trained('%s')" % entry.name)
+           "and metrics.json), or call rex.train.ensure_trained('%s')" % entry.name)
     if weights is None and not path.is_file():
         raise CheckpointError(f"no trained checkpoint for {entry.name}: {path} does not exist; {fix}")
     metrics = _read_metrics(path)
     sha = metrics.get("sha256") if metrics and metrics.get("model") == entry.name else None
     state = load_checkpoint(path, sha, what=f"{entry.name} checkpoint", fix=fix)
-    model = BUILDERS[entry.name]()
+    model = FMNIST_BUILDERS[entry.name]()
     load_state_dict_checked(model, state, path, f"{entry.name} checkpoint", fix)
     return model
 
 
 def checkpoint_ok(name: str, directory: Optional[PathLike] = None) -> bool:
     """True when `directory` (default: the cache folder of `name`) holds a model.pt matching metrics.json."""
-    d = Path(directory) if directory is not None else paths.cache_root() / "models" / name
+    d = Path(directory) if directory is not None else checkpoint_dir(name)
     ckpt = d / "model.pt"
     metrics = _read_metrics(ckpt)
     if not ckpt.is_file() or not metrics or metrics.get("model") != name or not metrics.get("sha256"):
@@ -300,32 +296,6 @@ def checkpoint_ok(name: str, directory: Optional[PathLike] = None) -> bool:
         return sha256_file(ckpt) == metrics["sha256"]
     except OSError:
         return False
-
-
-def ensure_trained(name: str, out: Optional[PathLike] = None, **train_kw: Any) -> Path:
-    """Train `name` (default recipe, or `train_kw` for rex.train.train) unless a valid checkpoint exists.
-
-    Returns the checkpoint folder. Concurrent callers are serialised with a file lock.
-    """
-    from ..train import RECIPES, checkpoint_dir, train
-
-    if name not in RECIPES:
-        raise UnknownNameError("trainable model", name, RECIPES)
-    d = Path(out) if out is not None else checkpoint_dir(name)
-    if checkpoint_ok(name, d):
-        return d
-    d.mkdir(parents=True, exist_ok=True)
-    try:
-        from filelock import FileLock
-    except ImportError:  # pragma: no cover
-        FileLock = None  # type: ignore[assignment]
-    if FileLock is None:
-        train(name, out=d, **train_kw)
-        return d
-    with FileLock(str(d / ".train.lock")):
-        if not checkpoint_ok(name, d):
-            train(name, out=d, **train_kw)
-    return d
 
 
 # ----------------------------------------------------------------- detection / segmentation (lazy)

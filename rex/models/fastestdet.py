@@ -10,7 +10,6 @@ and fold the BNs); channel split / concat / add are functional.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rex.errors import CheckpointError
+from rex.io import sha256_file
 from rex.paths import weights_root
 
 __all__ = [
@@ -221,14 +221,6 @@ def decode_fastestdet(out: torch.Tensor, img_w: float, img_h: float, score_thr: 
     return boxes[keep], score[keep], cls_k[keep]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_state_dict_checked(model: nn.Module, path: Union[str, Path], expected_sha256: Optional[str] = None,
                             what: str = "model") -> nn.Module:
     """``torch.load(weights_only=True)`` + strict ``load_state_dict``; every failure -> CheckpointError."""
@@ -243,7 +235,7 @@ def load_state_dict_checked(model: nn.Module, path: Union[str, Path], expected_s
         sha = ""
         if expected_sha256:
             try:
-                sha = f" (sha256 {_sha256(path)[:16]}..., expected {expected_sha256[:16]}...)"
+                sha = f" (sha256 {sha256_file(path)[:16]}..., expected {expected_sha256[:16]}...)"
             except OSError:
                 pass
         raise CheckpointError(

@@ -1,7 +1,7 @@
 """The benchmark pipeline around the library: one job per configuration, result folders, MLflow, tables.
 
 - ``rex.pipeline.grid``      expand a grid file (``conf/grid/*.yaml``) into jobs (pure Python + PyYAML; the
-                             Snakefile loads it by path, so building the DAG never imports torch)
+                             Snakefile imports it, and ``rex`` loads torch lazily, so building the DAG never does)
 - ``rex.pipeline.job``       ``python -m rex.pipeline.job --out DIR override ...``: compose the job's config with
                              Hydra's Compose API, quantize + evaluate, write the job folder atomically
 - ``rex.pipeline.tracking``  MLflow: one run per job folder, looked up by its config hash (idempotent, locked)

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterable
 
-if __package__:
-    from . import grid as gridlib
-else:  # run by path (`python rex/pipeline/<this>.py`, as the pipeline does): skips importing torch via rex/__init__
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import grid as gridlib  # type: ignore[no-redef]
+from ..io import atomic_write_text
+from . import grid as gridlib
 
 SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status"]
 JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "label", "method", "base_method",
@@ -103,14 +100,12 @@ def summary_rows(rec: dict) -> list:
 
 
 def _write_csv(path: Path, columns: list, rows: Iterable[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    atomic_write_text(path, buf.getvalue())
 
 
 def aggregate(job_dirs: Iterable[Path], summary: Path, jobs: Path) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """Expand a grid file (``conf/grid/*.yaml``, also the Snakemake config) into one record per job.
 
-Only the standard library and PyYAML: the Snakefile loads this file by path (``load_grid_module``), so
-building the DAG (``snakemake -n``) never imports torch or the library, and works without any data.
+Only the standard library, PyYAML and ``rex.labels``: the Snakefile imports it (``from rex.pipeline import grid``)
+and ``rex`` loads its heavy parts lazily, so building the DAG (``snakemake -n``) never imports torch and works
+without any data.
 
 A grid::
 
@@ -20,17 +21,15 @@ Sensible combinations only: a budget needs order >= 2 (``budgets`` entries are s
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
 
-FLOAT_BITS = 32
-FP32_METHOD = "fp32"
+from ..labels import FLOAT_BITS, FP32_METHOD, LABEL_RE, fp32_label, label, parse_label  # noqa: F401 (re-exported)
+
 TASKS = ("classification", "detection", "segmentation")
 PRIMARY_METRIC = {"classification": "top1", "detection": "AP", "segmentation": "mIoU"}
 METRICS = {
@@ -38,39 +37,12 @@ METRICS = {
     "detection": ("AP", "AP50", "AP75"),
     "segmentation": ("mIoU",),
 }
-# What a label looks like (used as the Snakemake wildcard constraint, and checked here).
-LABEL_RE = r"method=[A-Za-z0-9_]+,w=\d+,a=\d+,K=\d+(,budget=[0-9.e+]+(,alloc=[a-z_]+)?)?"
 NAME_RE = r"[A-Za-z0-9_.-]+"
 _PLAIN = re.compile(r"^[A-Za-z0-9_./+-]+$")
 
 
 class GridError(ValueError):
     """The grid file asks for something that cannot be expanded (unknown model conf, label clash, ...)."""
-
-
-def label(method: str, wbits: int, abits: Optional[int], order: int = 1, budget: Optional[float] = None,
-          allocation: str = "uniform") -> str:
-    """The job's folder name; identical to ``rex.QuantSpec(...).label()`` (tested), and defined for FP32."""
-    a = FLOAT_BITS if abits in (None, FLOAT_BITS) else int(abits)
-    parts = [f"method={method}", f"w={int(wbits)}", f"a={a}", f"K={int(order)}"]
-    if budget is not None:
-        parts.append(f"budget={float(budget):g}")
-        if allocation != "uniform":
-            parts.append(f"alloc={allocation}")
-    return ",".join(parts)
-
-
-def fp32_label() -> str:
-    return label(FP32_METHOD, FLOAT_BITS, FLOAT_BITS, 1)
-
-
-def parse_label(text: str) -> dict:
-    """Inverse of :func:`label` (``method=rex,w=4,a=8,K=2,budget=1.5`` -> dict)."""
-    kv = dict(part.split("=", 1) for part in text.split(","))
-    return {
-        "method": kv["method"], "wbits": int(kv["w"]), "abits": int(kv["a"]), "order": int(kv["K"]),
-        "budget": float(kv["budget"]) if "budget" in kv else None, "allocation": kv.get("alloc", "uniform"),
-    }
 
 
 def hydra_value(v: Any) -> str:
@@ -246,12 +218,3 @@ def train_specs(config: dict, project_root: Path, conf_dir: Optional[Path] = Non
 
 def quote_overrides(overrides: Iterable[str]) -> str:
     return " ".join(shlex.quote(o) for o in overrides)
-
-
-def load_grid_module(path: str):
-    """Import this file by path (what the Snakefile does) without importing the ``rex`` package."""
-    spec = importlib.util.spec_from_file_location("rex_pipeline_grid", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("rex_pipeline_grid", mod)
-    spec.loader.exec_module(mod)
-    return mod

@@ -19,11 +19,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-if __package__:
-    from . import grid as gridlib
-else:  # run by path (`python rex/pipeline/<this>.py`, as the pipeline does): skips importing torch via rex/__init__
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import grid as gridlib  # type: ignore[no-redef]
+from ..io import atomic_write, atomic_write_text
+from . import grid as gridlib
 
 METHOD_DISPLAY = {"fp32": "FP32", "rtn": "RTN", "rex": "REx", "dfq": "DFQ", "squant": "SQuant", "ocs": "OCS",
                   "zeroq": "ZeroQ", "rex_dfq": "REx+DFQ", "rex_squant": "REx+SQuant"}
@@ -144,13 +141,6 @@ def _tex_escape(s: str) -> str:
     return s
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: Path) -> list:
     import csv
     import io
@@ -184,7 +174,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
         md += ["Failed jobs:", ""] + [f"- `{r['label']}`: {r['error']}" for r in failed] + [""]
     files = []
     out_prefix = Path(out_prefix)
-    _atomic_write(out_prefix.with_suffix(".md"), "\n".join(md))
+    atomic_write_text(out_prefix.with_suffix(".md"), "\n".join(md))
     files.append(out_prefix.with_suffix(".md"))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -199,7 +189,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
                    + [("failed" if r["status"] != "ok" else (r["values"][m] if _isnum(r["values"][m]) else ""))
                       for m in metrics]
                    + [r["status"], r["label"], r["error"] if _isnum(r["error"]) else ""])
-    _atomic_write(out_prefix.with_suffix(".csv"), buf.getvalue())
+    atomic_write_text(out_prefix.with_suffix(".csv"), buf.getvalue())
     files.append(out_prefix.with_suffix(".csv"))
     tex = [r"\begin{table}[t]", r"\centering", r"\small",
            r"\begin{tabular}{llcl r" + "r" * len(metrics) + "}", r"\toprule",
@@ -207,7 +197,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     tex += [" & ".join(_tex_escape(str(c)) for c in row) + r" \\" for row in body]
     tex += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(cap) + "}",
             r"\label{tab:" + _tex_escape(f"{task}-{model}").replace(r"\_", "-") + "}", r"\end{table}", ""]
-    _atomic_write(out_prefix.with_suffix(".tex"), "\n".join(tex))
+    atomic_write_text(out_prefix.with_suffix(".tex"), "\n".join(tex))
     files.append(out_prefix.with_suffix(".tex"))
     return files
 
@@ -277,11 +267,8 @@ def write_plot(summary: Path, jobs: Path, task: str, model: str, out: Path) -> P
         ax.text(0.5, 0.5, "no successful job", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, format="png")
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
@@ -322,7 +309,7 @@ def write_page(summary: Path, jobs: Path, out: Path, grid_name: str = "", tracki
     if tracking_uri:
         lines += ["## MLflow", "", "Every job is one MLflow run (tag `config_hash`), browse them with:", "",
                   f"    mlflow ui --backend-store-uri {tracking_uri}", ""]
-    _atomic_write(out, "\n".join(lines))
+    atomic_write_text(out, "\n".join(lines))
     return out
 
 

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
+from ..io import atomic_write_json
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
@@ -288,11 +290,7 @@ def main(argv=None) -> int:
     result["tracking_uri"] = tr.uri
     print(json.dumps(result))
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        atomic_write_json(Path(a.out), result, indent=2)
     return 0
 
 

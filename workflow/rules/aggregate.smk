@@ -19,7 +19,7 @@ rule aggregate:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python rex/pipeline/aggregate.py --summary {output.summary:q} --jobs {output.jobs:q} {input:q} > {log:q} 2>&1"
+        "python -m rex.pipeline.aggregate --summary {output.summary:q} --jobs {output.jobs:q} {input:q} > {log:q} 2>&1"
 
 
 rule mlflow_log:
@@ -39,5 +39,5 @@ rule mlflow_log:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python rex/pipeline/tracking.py log --tracking-uri {params.uri:q} --grid {params.grid_name:q} "
+        "python -m rex.pipeline.tracking log --tracking-uri {params.uri:q} --grid {params.grid_name:q} "
         "--out {output:q} {input.done:q} > {log:q} 2>&1"

@@ -1,5 +1,5 @@
-# Grid expansion and helpers shared by the rules. The grid logic is rex/pipeline/grid.py, loaded by path so
-# that building the DAG never imports torch or needs any data.
+# Grid expansion and helpers shared by the rules. The grid logic is rex/pipeline/grid.py: `rex` loads its heavy
+# parts lazily, so importing it here never imports torch and building the DAG needs no data.
 import os
 import shlex
 import sys
@@ -8,17 +8,9 @@ from pathlib import Path
 
 PROJECT = Path(workflow.basedir)
 
+# Snakemake puts the Snakefile's folder (PROJECT) first on sys.path, so this is the checkout's own `rex`.
+from rex.pipeline import grid
 
-def _load_grid_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rex_pipeline_grid", PROJECT / "rex" / "pipeline" / "grid.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-grid = _load_grid_module()
 
 R = grid.relpath(grid.results_dir(config, PROJECT), PROJECT)  # results folder (relative when inside the project)
 JOBS = grid.expand(config, PROJECT)

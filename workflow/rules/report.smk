@@ -19,7 +19,7 @@ rule table:
         mem_mb=1000,
         runtime=5,
     shell:
-        "python rex/pipeline/report.py table --summary {input.summary:q} --jobs {input.jobs:q} "
+        "python -m rex.pipeline.report table --summary {input.summary:q} --jobs {input.jobs:q} "
         "--task {wildcards.task} --model {wildcards.model} --out-prefix {params.prefix:q} > {log:q} 2>&1"
 
 
@@ -37,7 +37,7 @@ rule plot:
         mem_mb=1000,
         runtime=5,
     shell:
-        "python rex/pipeline/report.py plot --summary {input.summary:q} --jobs {input.jobs:q} "
+        "python -m rex.pipeline.report plot --summary {input.summary:q} --jobs {input.jobs:q} "
         "--task {wildcards.task} --model {wildcards.model} --out {output:q} > {log:q} 2>&1"
 
 
@@ -60,6 +60,6 @@ rule report:
         mem_mb=1000,
         runtime=5,
     shell:
-        "python rex/pipeline/report.py page --summary {input.summary:q} --jobs {input.jobs:q} --out {output:q} "
+        "python -m rex.pipeline.report page --summary {input.summary:q} --jobs {input.jobs:q} --out {output:q} "
         "--grid {params.grid_name:q} --tracking-uri {params.uri:q} --tables {input.tables:q} "
         "--plots {input.plots:q} > {log:q} 2>&1"

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from rex.io import atomic_copy  # standard library only: `--help` and argument errors need no torch
 
 
 def requested(model: str, train_args: list) -> dict:
@@ -43,21 +43,14 @@ def requested(model: str, train_args: list) -> dict:
 
 
 def cached_match(model: str, want: dict):
-    from rex import paths
-    from rex.models import checkpoint_ok
+    from rex.models import checkpoint_dir, checkpoint_ok
 
-    d = paths.cache_root() / "models" / model
+    d = checkpoint_dir(model)
     if not want or not checkpoint_ok(model, d):
         return None
     m = json.loads((d / "metrics.json").read_text())
     have = {k: m.get(k) for k in want}
     return d if have == want else None
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def main(argv=None) -> int:
@@ -78,8 +71,8 @@ def main(argv=None) -> int:
         src = cached_match(a.model, requested(a.model, extra))
         if src is not None:
             # metrics.json first, model.pt last: model.pt is the rule's main output
-            copy_atomic(src / "metrics.json", out / "metrics.json")
-            copy_atomic(src / "model.pt", out / "model.pt")
+            atomic_copy(src / "metrics.json", out / "metrics.json")
+            atomic_copy(src / "model.pt", out / "model.pt")
             print(f"reused the identical cached checkpoint {src} (same recipe, sha256 verified)")
             return 0
     cmd = [sys.executable, "-m", "rex.train", "--model", a.model, "--out", str(out), "--threads", str(a.threads),
