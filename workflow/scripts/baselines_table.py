@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from rex.io import atomic_write_text  # noqa: E402
 
 METHODS = {  # key -> (row label, spec kwargs merged with the setting's wbits/abits)
     "rtn": ("RTN", dict(method="rtn")),
@@ -69,9 +70,7 @@ def run_one(model_name, spec, dataset, limit, cache, cache_path, fresh):
     row["spec_dict"] = spec.to_dict() if spec is not None else None
     row["wall_seconds"] = round(time.perf_counter() - t0, 2)
     cache[key] = row
-    tmp = cache_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-    os.replace(tmp, cache_path)
+    atomic_write_text(cache_path, json.dumps(cache, indent=1, sort_keys=True))
     label = spec.label() if spec is not None else "fp32"
     print(f"  {label}: top1 {row.get('top1')} agree {row.get('agreement')} bops {row.get('bops')} "
           f"({row['wall_seconds']} s)", flush=True)
