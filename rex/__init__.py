@@ -26,13 +26,14 @@ from .errors import (  # noqa: F401  (standard library only)
 __version__ = "0.1.0"
 
 # public name -> the submodule defining it (imported on first access)
-_LAZY = {"bops": "api", "expand": "api", "quantize": "api", "report": "api", "summary": "api", "QuantSpec": "spec"}
+_LAZY = {"activation_coverage": "api", "bops": "api", "expand": "api", "quantize": "api", "report": "api",
+         "summary": "api", "QuantSpec": "spec"}
 
 __all__ = sorted([*_LAZY, "CheckpointError", "ConfigError", "DatasetError", "RexError", "UnknownNameError",
                   "WeightError", "__version__"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below does the imports
-    from .api import bops, expand, quantize, report, summary  # noqa: F401
+    from .api import activation_coverage, bops, expand, quantize, report, summary  # noqa: F401
     from .spec import QuantSpec  # noqa: F401
 
 

@@ -73,6 +73,30 @@ def report(qmodel: nn.Module) -> list[dict]:
     return rows
 
 
+def activation_coverage(qmodel: nn.Module) -> dict:
+    """Which layer inputs the quantized model really quantizes, and where their ranges come from, so that a
+    result row never claims activations it did not quantize (a "W4A4" row whose layers saw float inputs).
+
+    ``act_float`` counts the layers whose input stays float although the spec asks for ``abits`` (no
+    data-free range, or the first/last policy left the layer float); ``act_layers`` counts all planned layers.
+    Activations are quantized at layer inputs only: residual adds, pooling and concatenations run in float,
+    in integer-exact mode too (``act_points``)."""
+    info = getattr(qmodel, "rex_info", None)
+    if info is None:
+        raise TypeError("activation_coverage needs a model returned by rex.quantize (it reads model.rex_info)")
+    plans = info.plans
+    if info.spec.abits is None:
+        return dict(act_layers=len(plans), act_float=len(plans), act_float_layers=[],
+                    act_ranges="none (weight-only)", act_points="none")
+    floats = [p.name for p in plans if p.abits is None]
+    source = ("distilled data (ZeroQ)" if "zeroq" in info.extra
+              else "BatchNorm statistics (beta + n|gamma|)")
+    if plans and plans[0].abits is not None:
+        source += "; network input from its normalisation"
+    return dict(act_layers=len(plans), act_float=len(floats), act_float_layers=floats, act_ranges=source,
+                act_points="layer inputs (adds, pooling, concatenation in float)")
+
+
 def summary(qmodel: nn.Module, example_input=None) -> dict:
     """Model-level numbers: BOPs, MACs, size, and the quantization time."""
     if example_input is None:

@@ -117,6 +117,7 @@ def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range) -> torch.nn.
     out["bound_ok"] = all(r["bound_ok"] is not False for r in rep)
     out["int32_safe"] = all(r["int32_safe"] for r in rep)
     out["notes"] = qmodel.rex_info.notes
+    out.update(rex.activation_coverage(qmodel))
     return qmodel
 
 

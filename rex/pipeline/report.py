@@ -68,6 +68,14 @@ def fmt_metric(metric: str, v, status: str) -> str:
     return f"{float(v):.4f}" if metric == "kl" else f"{float(v):.2f}"
 
 
+def fmt_float_inputs(r) -> str:
+    """'float inputs / layers' of a quantized row ('-' for FP32 and for rows from before the column existed):
+    a row labelled A4 whose layers kept float inputs shows how many did."""
+    if str(r["method"]) == "fp32" or not (_isnum(r.get("act_float")) and _isnum(r.get("act_layers"))):
+        return "-"
+    return f"{int(float(r['act_float']))}/{int(float(r['act_layers']))}"
+
+
 def fmt_budget(order, budget) -> str:
     if _isnum(budget):
         return f"{float(budget):g}x"
@@ -95,7 +103,8 @@ def job_table(summary: Path, jobs: Path, task: str, model: str):
             sel = sel[sel[k].isna()] if not _isnum(jr[k]) else sel[sel[k].astype(str) == str(jr[k])]
         vals = {m: (sel[sel.metric == m].value.iloc[0] if len(sel[sel.metric == m]) else None) for m in metrics}
         rows.append({**{k: jr[k] for k in keys}, "status": jr["status"], "bops": jr["bops"],
-                     "label": jr["label"], "error": jr.get("error"), "values": vals})
+                     "label": jr["label"], "error": jr.get("error"), "values": vals,
+                     "act_layers": jr.get("act_layers"), "act_float": jr.get("act_float")})
     rows.sort(key=_sort_key)
     return rows, j
 
@@ -122,8 +131,12 @@ def caption(task: str, model: str, j) -> str:
     gran = str(first("granularity", "per_channel")).replace("_", "-")
     sym = first("symmetric", True)
     sym_t = "symmetric" if str(sym).lower() in ("true", "1") else "asymmetric"
+    sources = sorted({str(v) for v in j["act_ranges"].tolist() if _isnum(v) and str(v)}) if "act_ranges" in j else []
+    ranges = ("activation ranges from " + " / ".join(sources) if sources
+              else "activation ranges from BatchNorm statistics (beta + n|gamma|)")
     return (f"{model_d} on {data_d} ({n_txt}{noise}). Protocol: data-free; weights {gran} {sym_t}, {fl}; "
-            f"activation ranges from BatchNorm statistics (beta + n|gamma|); BatchNorm folded. "
+            f"{ranges}; activations quantized at layer inputs (residual adds, pooling and concatenation in "
+            f"float, in integer mode too); 'Float in' = layer inputs left float / layers; BatchNorm folded. "
             f"BOPs in G-BOPs (1e9 bit-operations, rex.bops: MACs x weight bits x activation bits, summed over "
             f"expansion terms). Failed jobs are shown as 'failed'.")
 
@@ -148,12 +161,13 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     rows, j = job_table(summary, jobs, task, model)
     metrics = list(gridlib.METRICS[task])
     cap = caption(task, model, j)
-    header = ["Method", "W/A", "K", "Budget", "G-BOPs"] + [METRIC_DISPLAY.get(m, m) for m in metrics]
+    header = (["Method", "W/A", "K", "Budget", "G-BOPs", "Float in"] + [METRIC_DISPLAY.get(m, m) for m in metrics])
     body = []
     for r in rows:
         wa = "32/32" if str(r["method"]) == "fp32" else f"W{int(r['wbits'])}A{int(r['abits'])}"
         body.append([method_display(r["method"]), wa, int(r["order"]), fmt_budget(r["order"], r["budget"]),
-                     fmt_gbops(r["bops"])] + [fmt_metric(m, r["values"][m], r["status"]) for m in metrics])
+                     fmt_gbops(r["bops"]), fmt_float_inputs(r)]
+                    + [fmt_metric(m, r["values"][m], r["status"]) for m in metrics])
     primary = gridlib.PRIMARY_METRIC[task]
     # pivot: variants x W/A settings, primary metric
     settings, variants, cells = [], [], {}
@@ -179,7 +193,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["method", "wbits", "abits", "order", "budget", "allocation", "bops", "gbops"] + metrics
-               + ["status", "label", "error"])
+               + ["float_inputs", "layers", "status", "label", "error"])
     for r in rows:
         alloc = str(r["method"]).partition("-")[2] or "uniform"
         w.writerow([str(r["method"]).partition("-")[0], int(r["wbits"]), int(r["abits"]), int(r["order"]),
@@ -188,11 +202,12 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
                     fmt_gbops(r["bops"]) if _isnum(r["bops"]) else ""]
                    + [("failed" if r["status"] != "ok" else (r["values"][m] if _isnum(r["values"][m]) else ""))
                       for m in metrics]
-                   + [r["status"], r["label"], r["error"] if _isnum(r["error"]) else ""])
+                   + [int(float(r["act_float"])) if _isnum(r.get("act_float")) else "",
+                      int(float(r["act_layers"])) if _isnum(r.get("act_layers")) else "", r["status"], r["label"], r["error"] if _isnum(r["error"]) else ""])
     atomic_write_text(out_prefix.with_suffix(".csv"), buf.getvalue())
     files.append(out_prefix.with_suffix(".csv"))
     tex = [r"\begin{table}[t]", r"\centering", r"\small",
-           r"\begin{tabular}{llcl r" + "r" * len(metrics) + "}", r"\toprule",
+           r"\begin{tabular}{llcl rr" + "r" * len(metrics) + "}", r"\toprule",
            " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
     tex += [" & ".join(_tex_escape(str(c)) for c in row) + r" \\" for row in body]
     tex += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(cap) + "}",
