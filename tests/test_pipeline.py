@@ -235,7 +235,7 @@ def test_smoke_grid_end_to_end(tmp_path):
         for key in ("bops", "wall_seconds", "peak_rss_mb", "versions", "hashes", "config_hash", "git"):
             assert rec.get(key) is not None, key
         assert rec["hashes"]["weights_sha256"] and rec["hashes"]["dataset"] and rec["versions"]["torch"]
-        assert rec["n"] == 500
+        assert rec["n"] == 64
         records[(j["method"], j["wbits"], j["abits"], j["order"])] = rec
     assert not list(results.glob("runs/*/*/.*"))
 
@@ -254,7 +254,7 @@ def test_smoke_grid_end_to_end(tmp_path):
     assert {(r["wbits"], r["abits"], r["budget"]) for r in fp} == {("32", "32", "")}
 
     # tables == summary
-    stem = results / "tables" / "classification_resnet20_fmnist"
+    stem = results / "tables" / "classification_mobilenet_v2"
     for ext in ("md", "csv", "tex"):
         assert stem.with_suffix(f".{ext}").is_file()
     with open(stem.with_suffix(".csv")) as f:
@@ -264,9 +264,22 @@ def test_smoke_grid_end_to_end(tmp_path):
         rec = records[(t["method"], int(t["wbits"]), int(t["abits"]), int(t["order"]))]
         assert _close(t["top1"], rec["metrics"]["top1"]) and int(t["bops"]) == rec["bops"]
     md = stem.with_suffix(".md").read_text()
-    assert "n = 500" in md and "binomial" in md and "G-BOPs" in md and "W8A8" in md
-    assert (results / "plots" / "classification_resnet20_fmnist.png").stat().st_size > 1000
-    assert "classification_resnet20_fmnist.png" in (results / "report.md").read_text()
+    assert "n = 64" in md and "binomial" in md and "G-BOPs" in md and "W8A8" in md and "| Float in |" in md
+    assert (results / "plots" / "classification_mobilenet_v2.png").stat().st_size > 1000
+    assert "classification_mobilenet_v2.png" in (results / "report.md").read_text()
+
+    # the grid's accuracy floors held (rule check), and they are real: raised above what was measured, the
+    # same results fail the check
+    checks = json.loads((results / "checks.json").read_text())["checks"]
+    assert len(checks) == 3 and all(c["ok"] for c in checks), checks
+    from rex.pipeline import check
+
+    with open(results / "summary.csv") as f:
+        srows = list(csv.DictReader(f))
+    too_high = [{**c, "min": c["value"] + 0.1} for c in checks]
+    assert not any(r["ok"] for r in check.evaluate(srows, too_high))
+    collapsed = [{**r, "value": "10.0"} if r["method"] == "rex" else r for r in srows]  # a broken REx
+    assert [r["ok"] for r in check.evaluate(collapsed, checks)] == [True, True, False]
 
     # MLflow == job files: one run per job, same numbers
     from rex.pipeline.tracking import Tracker

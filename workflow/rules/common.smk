@@ -1,5 +1,6 @@
 # Grid expansion and helpers shared by the rules. The grid logic is rex/pipeline/grid.py: `rex` loads its heavy
 # parts lazily, so importing it here never imports torch and building the DAG needs no data.
+import json
 import os
 import shlex
 import sys
@@ -21,6 +22,7 @@ TRACKING_URI = config.get("tracking_uri") or f"sqlite:///{R}/mlflow.db"
 MLFLOW = bool(config.get("mlflow", True))
 RES = config.get("resources") or {}
 GRID_NAME = str(config.get("name", "custom"))
+CHECKS = list(config.get("checks") or [])  # accuracy floors of the grid (rule check)
 
 # Jobs run `python` from the interpreter's folder that runs Snakemake (the project's .venv), or from `python:`.
 _PYBIN = os.path.dirname(config.get("python") or sys.executable)
@@ -102,4 +104,6 @@ def all_outputs():
     out = [f"{R}/summary.csv", f"{R}/jobs.csv", f"{R}/report.md"] + table_files() + plot_files()
     if MLFLOW:
         out += mlflow_markers()
+    if CHECKS:
+        out.append(f"{R}/checks.json")
     return out

@@ -63,3 +63,22 @@ rule report:
         "python -m rex.pipeline.report page --summary {input.summary:q} --jobs {input.jobs:q} --out {output:q} "
         "--grid {params.grid_name:q} --tracking-uri {params.uri:q} --tables {input.tables:q} "
         "--plots {input.plots:q} > {log:q} 2>&1"
+
+
+# The grid's accuracy floors (`checks:`, e.g. conf/grid/smoke.yaml): the run fails when one is missed.
+rule check:
+    input:
+        summary=f"{R}/summary.csv",
+    output:
+        f"{R}/checks.json",
+    log:
+        f"{R}/logs/checks.log",
+    params:
+        checks=json.dumps(CHECKS),
+    localrule: True
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "python -m rex.pipeline.check --summary {input.summary:q} --checks {params.checks:q} --out {output:q} "
+        "> {log:q} 2>&1 || {{ cat {log:q} >&2; exit 1; }}"
