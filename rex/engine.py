@@ -14,7 +14,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
@@ -34,9 +34,11 @@ from .expansion import (
 )
 from .nn.layers import ActQuantizer, QuantLayer, canonical_weight, make_quant_layer
 from .quant import WeightQuantizer, check_finite, round_nearest
-from .spec import QuantSpec
 from .trace import trace
 from .transforms import fold_batchnorm, get_module, set_module
+
+if TYPE_CHECKING:  # annotations only: the engine does not import the spec (spec -> methods -> engine)
+    from .spec import QuantSpec
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 

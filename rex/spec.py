@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -10,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import labels
-from .errors import ConfigError
+from .errors import ConfigError, UnknownNameError
+from .methods import did_you_mean as _did_you_mean
+from .methods import method_config, method_names
 from .quant import check_bits
 
 ALLOCATIONS = ("uniform", "greedy")
@@ -25,31 +26,6 @@ FLOAT_BITS = 32
 # per-tensor over many channels needs more headroom than a single Gaussian, hence the values below.
 DEFAULT_ACT_SIGMA = {2: 2.0, 3: 2.5, 4: 3.0, 5: 3.5, 6: 4.0, 7: 5.0}
 DEFAULT_ACT_SIGMA_HIGH = 6.0  # 8 bits and more
-
-
-# Method-specific ``options`` the built-in methods read (rex/methods/*.py). A key not listed for a listed
-# method is a typo that would otherwise be silently ignored; methods registered elsewhere are not checked
-# unless they declare their options with ``register_method_options``.
-METHOD_OPTIONS: dict[str, frozenset] = {
-    "rex": frozenset(),
-    "rtn": frozenset(),
-    "dfq": frozenset({"relu6", "equalize", "absorb", "absorb_padded", "bias_correct", "cle_iters", "cle_tol"}),
-    "rex_dfq": frozenset({"relu6", "equalize", "absorb", "absorb_padded", "bias_correct", "cle_iters", "cle_tol"}),
-    "squant": frozenset({"squant_stages"}),
-    "rex_squant": frozenset({"squant_stages"}),
-    "ocs": frozenset({"expand_ratio"}),
-    "zeroq": frozenset({"zeroq_batch", "zeroq_steps", "zeroq_lr", "zeroq_percentile"}),
-}
-
-
-def register_method_options(method: str, keys) -> None:
-    """Declare the ``options`` keys a method accepts (unknown keys then raise a ConfigError)."""
-    METHOD_OPTIONS[method] = frozenset(keys)
-
-
-def _did_you_mean(key: str, known) -> str:
-    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def default_act_sigma(abits: Optional[int]) -> float:
@@ -76,7 +52,8 @@ class QuantSpec:
     criterion    neuron selection for sparse orders: 'residual' norm or 'weight' norm
     fold_bn      fold BatchNorm into the preceding conv before quantizing
     seed         for methods that draw random numbers (ZeroQ)
-    options      method-specific settings (e.g. {'expand_ratio': 0.02} for OCS)
+    options      method-specific settings (e.g. {'expand_ratio': 0.02} for OCS), validated into the method's
+                 typed config (``spec.config``, a ``rex.methods.MethodConfig``)
     """
 
     method: str = "rex"
@@ -96,14 +73,10 @@ class QuantSpec:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from .methods import method_names
-
         if not isinstance(self.method, str):
             raise ConfigError(f"method must be a method name (a string), got {self.method!r}; known: "
                               f"{', '.join(method_names())}")
         if self.method not in method_names():
-            from .errors import UnknownNameError
-
             raise UnknownNameError("method", self.method, method_names())
         check_bits(self.wbits, "wbits (weight bit-width)")
         abits = None if self.abits in (None, FLOAT_BITS) else self.abits
@@ -148,13 +121,14 @@ class QuantSpec:
                               f"data), got {self.seed!r}")
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must be a mapping, got {type(self.options).__name__}")
-        known = METHOD_OPTIONS.get(self.method)
-        if known is not None:
-            for key in self.options:
-                if key not in known:
-                    accepted = ", ".join(sorted(known)) if known else "none"
-                    raise ConfigError(f"method {self.method!r} has no option {key!r}{_did_you_mean(key, known)}; "
-                                      f"its options: {accepted}")
+        # the method's typed options (rex.methods: one MethodConfig per method), validated here once
+        object.__setattr__(self, "_config", method_config(self.method, self.options))
+
+    @property
+    def config(self):
+        """``options`` as the method's typed config (defaults filled in), or None for a method registered
+        without one."""
+        return self._config
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":

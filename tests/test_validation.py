@@ -214,17 +214,26 @@ def test_quantspec_unknown_keys_from_dict_and_config():
 
 
 def test_every_builtin_method_option_is_declared():
-    """METHOD_OPTIONS (the keys QuantSpec accepts) covers every option the built-in methods read."""
+    """The methods' typed configs (the keys QuantSpec accepts) cover every option the built-in methods read:
+    a method reads its options as ``spec.config.<field>``, never from the raw ``spec.options`` dict."""
+    import dataclasses
     import re
 
-    from rex.spec import METHOD_OPTIONS
+    from rex.methods import get_entry, method_names
 
-    read = set()
+    read, raw = set(), []
     for p in (ROOT / "rex" / "methods").glob("*.py"):
-        read |= set(re.findall(r"_opt\(\s*spec\s*,\s*['\"](\w+)['\"]", p.read_text()))
-        read |= set(re.findall(r"options\.get\(\s*['\"](\w+)['\"]", p.read_text()))
-    declared = set().union(*METHOD_OPTIONS.values())
-    assert read <= declared, f"options read but not declared in rex.spec.METHOD_OPTIONS: {sorted(read - declared)}"
+        read |= set(re.findall(r"cfg\.(\w+)", p.read_text())) | set(re.findall(r"spec\.config\.(\w+)", p.read_text()))
+        if p.name != "__init__.py" and re.search(r"spec\.options|_opt\(", p.read_text()):
+            raw.append(p.name)
+    declared = set()
+    for name in method_names():
+        cfg = get_entry(name).config
+        assert cfg is not None, f"built-in method {name} has no typed config"
+        declared |= {f.name for f in dataclasses.fields(cfg)}
+    read -= {"describe", "validate"}
+    assert not raw, f"methods reading spec.options directly: {raw}"
+    assert read <= declared, f"options read but not declared in a method config: {sorted(read - declared)}"
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

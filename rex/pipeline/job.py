@@ -127,15 +127,7 @@ def spec_from_config(cfg_dict: dict):
         return None
     from ..spec import QuantSpec
 
-    abits = m.get("abits")
-    return QuantSpec(
-        method=m["name"], wbits=m["wbits"], abits=None if abits in (None, gridlib.FLOAT_BITS) else abits,
-        order=m.get("order", 1), budget=m.get("budget"), allocation=m.get("allocation", "uniform"),
-        granularity=p.get("granularity", "per_channel"), symmetric=p.get("symmetric", True),
-        mode=p.get("mode", "fake"), first_last=p.get("first_last", "8bit"), act_sigma=p.get("act_sigma"),
-        criterion=p.get("criterion", "residual"), fold_bn=p.get("fold_bn", True), seed=p.get("seed", 0),
-        options=dict(m.get("options") or {}),
-    )
+    return QuantSpec.from_config(m, p)  # the one validated path: defaults in QuantSpec and the method's config
 
 
 def identity(cfg_dict: Optional[dict], out: Path) -> dict:

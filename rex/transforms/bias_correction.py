@@ -5,7 +5,7 @@ from the bias: b <- b - (W_q - W) E[x] (summed over the kernel positions: paddin
 
 E[x], per input channel, is computed without data: the folded BatchNorm statistics say that the output of
 a conv is per channel N(beta_c, gamma_c^2). These (mean, variance) pairs are propagated op by op through
-one eager forward pass (``expected_inputs``):
+the recorded op graph (``rex.graph``; ``expected_inputs``, one rule per op in ``MOMENT_RULES``):
 
 - ReLU / ReLU6 / clamp of N(mu, sigma^2): mean and variance of the clipped normal, e.g. after ReLU
   E = sigma phi(mu/sigma) + mu Phi(mu/sigma);
@@ -24,10 +24,9 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from ..cost import _call
-from .equalize import _name, _tensors, apply_to_constant
+from ..graph import Graph, record
+from .equalize import apply_to_constant
 
 Stat = Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]  # (mean [C], var [C] or None)
 
@@ -65,41 +64,36 @@ def clipped_normal_moments(mu: torch.Tensor, var: torch.Tensor, lo: Optional[flo
     return mean.float(), out_var.float()
 
 
-class _Moments(TorchFunctionMode):
-    def __init__(self, weight_names: dict[int, str], modules: dict[str, nn.Module], output_stats: dict):
-        super().__init__()
-        self.weight_names = weight_names
-        self.modules = modules
+class _MomentRules:
+    """The moment rules (mean [C], var [C] or None per tensor), run over the calls of a recorded graph in
+    execution order. ``expected``: E[x] of every Conv/Linear layer's input (first call)."""
+
+    def __init__(self, graph: Graph, output_stats: dict):
+        self.modules = graph.modules
         self.output_stats = output_stats
         self.st: dict[int, Stat] = {}
-        self.keep: list = []
         self.expected: dict[str, Optional[torch.Tensor]] = {}
+        self.unknown: dict[int, str] = {}  # graph node -> op without a moment rule (its input had moments)
 
     def get(self, t) -> Stat:
         return self.st.get(id(t)) if isinstance(t, torch.Tensor) else None
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        outs = list(_tensors(out))
-        if not outs:
-            return out
-        name = _name(func)
-        try:
-            res = self.rule(name, args, kwargs, outs[0])
-        except Exception:  # a moment rule must never break the pass
-            res = None
-        self.keep.extend(outs)
-        self.keep.extend(t for t in _tensors(args) if isinstance(t, torch.Tensor))
-        for t in outs:
-            self.st[id(t)] = res
-        return out
+    def run(self, graph: Graph) -> "_MomentRules":
+        for n in graph.calls():
+            try:
+                res = self.rule(n, n.args, n.kwargs, n.outputs[0])
+            except Exception:  # a moment rule must never break the pass
+                res = None
+            for t in n.outputs:
+                self.st[id(t)] = res
+        return self
 
-    def rule(self, name, args, kwargs, out) -> Stat:
+    def rule(self, n, args, kwargs, out) -> Stat:
+        name = n.op
         x = args[0] if args else None
         sx = self.get(x)
         if name in ("conv2d", "linear", "conv1d") and len(args) > 1:
-            layer = self.weight_names.get(id(args[1]))
+            layer = n.layer
             if layer is not None and layer not in self.expected:
                 self.expected[layer] = None if sx is None else sx[0]
             if layer is not None and layer in self.output_stats:
@@ -117,73 +111,109 @@ class _Moments(TorchFunctionMode):
             return mean, var
         if sx is None:
             return None
-        mean, var = sx
-        if name == "relu":
-            return clipped_normal_moments(mean, var, 0.0, None) if var is not None else None
-        if name in ("hardtanh", "relu6", "clamp", "clip"):
-            if name == "relu6":
-                lo, hi = 0.0, 6.0
-            elif name == "hardtanh":
-                lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-                hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-            else:
-                lo = args[1] if len(args) > 1 else kwargs.get("min")
-                hi = args[2] if len(args) > 2 else kwargs.get("max")
-            if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
-                return None
-            return clipped_normal_moments(mean, var, lo, hi) if var is not None else None
-        if name in ("add", "__add__", "__radd__", "__iadd__"):
-            b = args[1] if len(args) > 1 else None
-            sb = self.get(b)
-            if sb is None:
-                if isinstance(b, (int, float)):
-                    return mean + b, var
-                return None
-            v = None if var is None or sb[1] is None else var + sb[1]
-            return mean + sb[0], v
-        if name in ("mul", "__mul__", "__rmul__") and len(args) > 1 and isinstance(args[1], (int, float)):
-            return mean * args[1], None if var is None else var * args[1] ** 2
-        if name in _KEEP_MEAN:
-            return mean, var
-        if name == "mean":
-            dim = args[1] if len(args) > 1 else kwargs.get("dim")
-            nd = x.dim()
-            dims = {d % nd for d in ([dim] if isinstance(dim, int) else list(dim or []))}
-            if dims and 0 not in dims and 1 not in dims:
-                return mean, var
+        rule = MOMENT_RULES.get(name)
+        if rule is None:
+            self.unknown[n.idx] = name
             return None
-        if name in ("flatten", "reshape", "view"):
-            if out.dim() >= 2 and x.dim() >= 2 and out.shape[0] == x.shape[0]:
-                c = mean.numel()
-                per = out.shape[1] // c if out.shape[1] % c == 0 else None
-                if per and out.shape[1] * math.prod(out.shape[2:]) == x[0].numel():
-                    rep = lambda v: None if v is None else v.repeat_interleave(per)  # noqa: E731
-                    return rep(mean), rep(var)
-            return None
-        if name in ("cat", "concat"):
-            ts = args[0]
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            if dim % ts[0].dim() != 1:
-                return None
-            ss = [self.get(t) for t in ts]
-            if any(s is None for s in ss):
-                return None
-            v = None if any(s[1] is None for s in ss) else torch.cat([s[1] for s in ss])
-            return torch.cat([s[0] for s in ss]), v
+        return rule(self, n, args, kwargs, x, sx, out)
+
+
+def _relu(r, n, args, kwargs, x, sx, out) -> Stat:
+    mean, var = sx
+    return clipped_normal_moments(mean, var, 0.0, None) if var is not None else None
+
+
+def _clip(r, n, args, kwargs, x, sx, out) -> Stat:
+    mean, var = sx
+    name = n.op
+    if name == "relu6":
+        lo, hi = 0.0, 6.0
+    elif name == "hardtanh":
+        lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+        hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    else:
+        lo = args[1] if len(args) > 1 else kwargs.get("min")
+        hi = args[2] if len(args) > 2 else kwargs.get("max")
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
         return None
+    return clipped_normal_moments(mean, var, lo, hi) if var is not None else None
 
 
-def expected_inputs(model: nn.Module, example_input, output_stats: dict) -> dict[str, Optional[torch.Tensor]]:
-    """E[x] per input channel of every Conv2d/Linear (None where it cannot be derived without data)."""
-    names, mods = {}, {}
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)):
-            names[id(m.weight)] = n
-            mods[n] = m
-    mode = _Moments(names, mods, output_stats)
-    with torch.no_grad(), mode:
-        _call(model, example_input)
-    return mode.expected
+def _add(r, n, args, kwargs, x, sx, out) -> Stat:
+    mean, var = sx
+    b = args[1] if len(args) > 1 else None
+    sb = r.get(b)
+    if sb is None:
+        if isinstance(b, (int, float)):
+            return mean + b, var
+        return None
+    v = None if var is None or sb[1] is None else var + sb[1]
+    return mean + sb[0], v
+
+
+def _mul(r, n, args, kwargs, x, sx, out) -> Stat:
+    mean, var = sx
+    if len(args) > 1 and isinstance(args[1], (int, float)):
+        return mean * args[1], None if var is None else var * args[1] ** 2
+    return None
+
+
+def _keep(r, n, args, kwargs, x, sx, out) -> Stat:
+    return sx
+
+
+def _mean(r, n, args, kwargs, x, sx, out) -> Stat:
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    nd = x.dim()
+    dims = {d % nd for d in ([dim] if isinstance(dim, int) else list(dim or []))}
+    if dims and 0 not in dims and 1 not in dims:
+        return sx
+    return None
+
+
+def _flatten(r, n, args, kwargs, x, sx, out) -> Stat:
+    mean, var = sx
+    if out.dim() >= 2 and x.dim() >= 2 and out.shape[0] == x.shape[0]:
+        c = mean.numel()
+        per = out.shape[1] // c if out.shape[1] % c == 0 else None
+        if per and out.shape[1] * math.prod(out.shape[2:]) == x[0].numel():
+            rep = lambda v: None if v is None else v.repeat_interleave(per)  # noqa: E731
+            return rep(mean), rep(var)
+    return None
+
+
+def _cat(r, n, args, kwargs, x, sx, out) -> Stat:
+    ts = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if dim % ts[0].dim() != 1:
+        return None
+    ss = [r.get(t) for t in ts]
+    if any(s is None for s in ss):
+        return None
+    v = None if any(s[1] is None for s in ss) else torch.cat([s[1] for s in ss])
+    return torch.cat([s[0] for s in ss]), v
+
+
+# op name -> rule(rules, node, args, kwargs, x, moments of x, output) -> moments of the output (None: unknown
+# downstream). Conv/Linear calls are handled first (``_MomentRules.rule``); an op not listed has no rule.
+MOMENT_RULES = {
+    "relu": _relu,
+    **{k: _clip for k in ("hardtanh", "relu6", "clamp", "clip")},
+    **{k: _add for k in ("add", "__add__", "__radd__", "__iadd__")},
+    **{k: _mul for k in ("mul", "__mul__", "__rmul__")},
+    **{k: _keep for k in _KEEP_MEAN},
+    "mean": _mean,
+    **{k: _flatten for k in ("flatten", "reshape", "view")},
+    **{k: _cat for k in ("cat", "concat")},
+}
+
+
+def expected_inputs(model: nn.Module, example_input=None, output_stats: Optional[dict] = None,
+                    graph: Optional[Graph] = None) -> dict[str, Optional[torch.Tensor]]:
+    """E[x] per input channel of every Conv2d/Linear (None where it cannot be derived without data), by the
+    moment rules over ``graph`` (a recording of ``model``) or a new recording on ``example_input``."""
+    g = graph if graph is not None else record(model, example_input)
+    return _MomentRules(g, output_stats or {}).run(g).expected
 
 
 def bias_shift(layer: nn.Module, delta_w: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:

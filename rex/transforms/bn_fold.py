@@ -1,6 +1,6 @@
 """BatchNorm folding: W' = W * gamma/sqrt(var+eps), b' = (b - mu) * gamma/sqrt(var+eps) + beta.
 
-Pairs are found by tracing one forward pass (a BN whose input is the output of a conv that nothing else
+Pairs are found over the recorded op graph (``rex.graph``: a BN whose input is the output of a conv that nothing else
 reads), so it works on any eager model (torchvision, mmdet ConvModule, hand-written nets). The BN becomes
 ``nn.Identity``. The BN's affine parameters (beta, gamma) are returned per folded conv: they are the
 per-channel mean and std of that conv's output, which data-free activation ranges are built from.
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..trace import trace
+from ..graph import record
 from .modules import get_module, set_module
 
 
@@ -38,15 +38,15 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> None:
 
 def fold_batchnorm(model: nn.Module, example_input, inplace: bool = False, trace_result=None) -> FoldResult:
     """Fold every BN that directly follows a Conv2d. Returns the new model and the folded pairs.
-    ``trace_result`` (a ``rex.trace.trace`` of this very model) saves the tracing pass."""
+    ``trace_result`` (a ``rex.trace.trace`` of this very model) saves the recording pass."""
     import copy
 
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    res = trace_result if trace_result is not None else trace(model, example_input)
+    pairs = trace_result.conv_bn if trace_result is not None else record(model, example_input).conv_bn_pairs()
     out = FoldResult(model)
-    for conv_name, bn_name in res.conv_bn:
+    for conv_name, bn_name in pairs:
         conv, bn = get_module(model, conv_name), get_module(model, bn_name)
         if not isinstance(conv, nn.Conv2d) or bn.running_mean is None or bn.num_features != conv.out_channels:
             continue

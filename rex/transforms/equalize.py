@@ -2,7 +2,7 @@
 
 - ``find_pairs``: consecutive weight-layer pairs L1 -> L2 whose connecting path is positively homogeneous
   per channel (ReLU, ReLU6 to be replaced by ReLU, zero padding, max/avg pooling, flatten, dropout, spatial
-  mean) and read by nobody else, found by one eager traced forward pass (``dataflow``), so residual adds,
+  mean) and read by nobody else, found over the recorded op graph (``rex.graph``; ``dataflow_of``), so residual adds,
   concatenations and shared layers are excluded automatically.
 - ``relu6_to_relu``: the ReLU6 modules on those paths become ReLU (ReLU6 is not scale-equivariant).
 - ``equalize``: cross-layer equalization. For a pair, r1_i = range of output channel i of L1, r2_i = range
@@ -26,9 +26,8 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from ..cost import _call
+from ..graph import Graph, record
 from .modules import get_module, set_module
 
 # ops through which a per-channel positive scale passes unchanged (relu(s x) = s relu(x), ...)
@@ -38,57 +37,20 @@ HOMOGENEOUS = {"relu", "dropout", "max_pool2d", "max_pool1d", "adaptive_max_pool
 # of those, the ops that also commute with a per-channel shift (needed for high-bias absorption)
 SHIFT_COMMUTING = {"relu", "dropout", "max_pool2d", "max_pool1d", "adaptive_max_pool2d", "adaptive_avg_pool2d",
                    "flatten", "contiguous", "clone", "mean", "identity", "detach", "dropout2d"}
-WEIGHT_OPS = {"conv2d", "linear", "conv1d"}
-
-
-from ..trace import _name, _tensors  # noqa: E402  (one op-naming rule for every tracer)
 
 
 @dataclass
 class Node:
+    """A call of the recorded graph as the pair search sees it (parameters and buffers are not inputs)."""
     idx: int
     op: str
     args: tuple
     kwargs: dict
-    inputs: list  # producer node ids of the tensor inputs (None: graph input or parameter)
+    inputs: list  # producer call of each tensor input (None: graph input)
     layer: Optional[str] = None  # weight-layer name for conv/linear ops
-    module: Optional[str] = None  # name of the activation module whose forward produced this node
+    module: Optional[str] = None  # name of the activation module whose forward produced this call
     consumers: list = field(default_factory=list)
     out_shape: tuple = ()
-
-
-class _Graph(TorchFunctionMode):
-    """Records every torch function call as a node; in-place ops make a new node for the same tensor."""
-
-    def __init__(self, weight_ids: dict[int, str], param_ids: set):
-        super().__init__()
-        self.weight_ids = weight_ids
-        self.weight_ids_all = param_ids
-        self.nodes: list[Node] = []
-        self.producer: dict[int, int] = {}
-        self.keep: list = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        outs = [t for t in _tensors(out)]
-        if not outs:
-            return out
-        op = _name(func)
-        ins = [t for t in list(_tensors(args)) + list(_tensors(kwargs)) if id(t) not in self.weight_ids_all]
-        node = Node(len(self.nodes), op, args, kwargs, [self.producer.get(id(t)) for t in ins])
-        if op in WEIGHT_OPS and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            node.layer = self.weight_ids.get(id(args[1]))
-        node.out_shape = tuple(outs[0].shape)
-        for p in node.inputs:
-            if p is not None:
-                self.nodes[p].consumers.append(node.idx)
-        self.nodes.append(node)
-        for t in outs:
-            self.producer[id(t)] = node.idx
-        self.keep.extend(ins)
-        self.keep.extend(outs)
-        return out
 
 
 @dataclass
@@ -107,38 +69,25 @@ class Dataflow:
     layer_nodes: dict  # name -> [node ids]
 
 
-def dataflow(model: nn.Module, example_input) -> Dataflow:
-    """One eager forward pass recording the op graph (tensor producer -> consumers)."""
-    weight_ids = {}
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)):
-            weight_ids[id(m.weight)] = name
-    g = _Graph(weight_ids, {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()})
-    handles = []
-
-    def act_hook(name):
-        def fn(module, args, out):
-            if isinstance(out, torch.Tensor) and id(out) in g.producer:
-                g.nodes[g.producer[id(out)]].module = name
-        return fn
-
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.ReLU6, nn.Hardtanh, nn.ReLU)):
-            handles.append(m.register_forward_hook(act_hook(name)))
-    try:
-        with torch.no_grad(), g:
-            out = _call(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    for t in _tensors(out):  # the model output counts as one more reader
-        if id(t) in g.producer:
-            g.nodes[g.producer[id(t)]].consumers.append(-1)
+def dataflow_of(graph: Graph) -> Dataflow:
+    """The calls of a recorded graph that output tensors, as producer -> consumers (``rex.graph``)."""
+    calls = graph.calls()
+    index = {n.idx: i for i, n in enumerate(calls)}
+    nodes = []
+    for i, n in enumerate(calls):
+        inputs = [None if p is None else index[p] for p, x in zip(n.src, n.ins) if id(x) not in graph.param_ids]
+        nodes.append(Node(i, n.op, n.args, n.kwargs, inputs, n.layer, n.module,
+                          [c if c < 0 else index[c] for c in n.consumers], tuple(n.out.shape)))
     layer_nodes: dict = {}
-    for n in g.nodes:
+    for n in nodes:
         if n.layer is not None:
             layer_nodes.setdefault(n.layer, []).append(n.idx)
-    return Dataflow(g.nodes, layer_nodes)
+    return Dataflow(nodes, layer_nodes)
+
+
+def dataflow(model: nn.Module, example_input) -> Dataflow:
+    """One eager forward pass recording the op graph (tensor producer -> consumers)."""
+    return dataflow_of(record(model, example_input))
 
 
 def _hardtanh_bounds(node: Node):
@@ -170,9 +119,10 @@ def _channel_dims_ok(node: Node) -> bool:
     return True
 
 
-def find_pairs(model: nn.Module, example_input, allow_relu6: bool = True) -> list[Pair]:
-    """Equalizable pairs (L1, L2): L1's output reaches only L2's input through homogeneous ops."""
-    df = dataflow(model, example_input)
+def find_pairs(model: nn.Module, example_input=None, allow_relu6: bool = True, graph: Optional[Graph] = None) -> list[Pair]:
+    """Equalizable pairs (L1, L2): L1's output reaches only L2's input through homogeneous ops (over ``graph``,
+    a recording of ``model``, or a new recording on ``example_input``)."""
+    df = dataflow_of(graph if graph is not None else record(model, example_input))
     pairs = []
     for name, ids in df.layer_nodes.items():
         if len(ids) != 1:

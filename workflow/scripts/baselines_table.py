@@ -25,21 +25,50 @@ import torch  # noqa: E402
 
 from rex.io import atomic_write_text  # noqa: E402
 
-METHODS = {  # key -> (row label, spec kwargs merged with the setting's wbits/abits)
-    "rtn": ("RTN", dict(method="rtn")),
-    "dfq": ("DFQ", dict(method="dfq")),
-    "squant": ("SQuant", dict(method="squant")),
-    "ocs": ("OCS (expand 2%)", dict(method="ocs", options={"expand_ratio": 0.02})),
-    "zeroq": ("ZeroQ", dict(method="zeroq")),
-    "rex": ("REx (K=2, budget 1.5)", dict(method="rex", order=2, budget=1.5)),
-    "rex_squant": ("REx+SQuant (K=2, budget 1.5)", dict(method="rex_squant", order=2, budget=1.5)),
+# The table's rows: registered methods (rex.methods; label = the registration's display name), each at its
+# conf/method/<name>.yaml settings plus these overrides (the REx rows at K=2 under a 1.5x budget). Any other
+# registered method can be added with --methods.
+DEFAULT_ROWS = ("rtn", "dfq", "squant", "ocs", "zeroq", "rex", "rex_squant")
+ROW_OVERRIDES = {
+    "ocs": dict(options={"expand_ratio": 0.02}),
+    "rex": dict(order=2, budget=1.5),
+    "rex_squant": dict(order=2, budget=1.5),
 }
-PER_TENSOR = {  # the DFQ setting: per-tensor weight scales
-    "RTN": dict(method="rtn"),
-    "DFQ, equalization only (ReLU6->ReLU + CLE)": dict(method="dfq", options={"absorb": False, "bias_correct": False}),
-    "DFQ, + high-bias absorption": dict(method="dfq", options={"bias_correct": False}),
-    "DFQ (+ bias correction)": dict(method="dfq"),
+PER_TENSOR = {  # the DFQ setting: per-tensor weight scales (row label -> method settings)
+    "RTN": dict(name="rtn"),
+    "DFQ, equalization only (ReLU6->ReLU + CLE)": dict(name="dfq", options={"absorb": False, "bias_correct": False}),
+    "DFQ, + high-bias absorption": dict(name="dfq", options={"bias_correct": False}),
+    "DFQ (+ bias correction)": dict(name="dfq"),
 }
+
+
+def make_spec(method: dict, wbits: int, abits: int, **protocol):
+    """The row's QuantSpec through the pipeline's one validated path: conf/method/<name>.yaml, the row's
+    overrides and the W/A setting, on conf/config.yaml's protocol."""
+    import yaml
+
+    from rex.spec import QuantSpec
+
+    def load(path):
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+
+    base = load(ROOT / "conf" / "method" / f"{method['name']}.yaml")
+    proto = dict(load(ROOT / "conf" / "config.yaml").get("protocol") or {}, **protocol)
+    return QuantSpec.from_config({**base, **method, "wbits": wbits, "abits": abits}, proto)
+
+
+def row_label(spec) -> str:
+    """'REx (K=2, budget 1.5)', 'OCS (expand 2%)', 'DFQ': the display name and what the row sets."""
+    from rex.methods import get_entry
+
+    parts = [f"K={spec.order}"] if spec.order > 1 else []
+    if spec.budget is not None:
+        parts.append(f"budget {spec.budget:g}")
+    if spec.config is not None and spec.config.describe():
+        parts.append(spec.config.describe())
+    display = get_entry(spec.method).display
+    return f"{display} ({', '.join(parts)})" if parts else display
 
 
 def _git_commit() -> str:
@@ -87,7 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default="imagenet_sample")
     ap.add_argument("--limit", type=int, default=None, help="number of images (default: all)")
     ap.add_argument("--settings", default="8/8,6/6,4/8,4/4", help="comma-separated W/A pairs")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated keys of " + ", ".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_ROWS), help="comma-separated registered method names "
+                    "(python -m rex methods), default " + ",".join(DEFAULT_ROWS))
     ap.add_argument("--per-tensor", default="8/8", help="W/A settings of the per-tensor (DFQ) table; '' to skip")
     ap.add_argument("--out", default=None, help="output .md (default results/tables/baselines_<model>.md)")
     ap.add_argument("--threads", type=int, default=None)
@@ -96,7 +126,6 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    import rex
     from rex.reference import load_published
 
     out = Path(args.out) if args.out else ROOT / "results" / "tables" / f"baselines_{args.model}.md"
@@ -105,24 +134,28 @@ def main(argv=None) -> int:
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     settings = [tuple(int(b) for b in s.split("/")) for s in args.settings.split(",") if s]
     labels = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in labels if m not in METHODS]
+    from rex.methods import method_names
+
+    unknown = [m for m in labels if m not in method_names() or m == "fp32"]
     if unknown:
-        ap.error(f"unknown method keys {unknown}; known: {list(METHODS)}")
+        ap.error(f"unknown method keys {unknown}; known: {method_names()}")
     t_all = time.perf_counter()
     print(f"FP32 {args.model} on {args.dataset} (limit {args.limit})", flush=True)
     fp = run_one(args.model, None, args.dataset, args.limit, cache, cache_path, args.fresh)
     grid: dict = {}
+    labels_of: dict = {}
     for w, a in settings:
         print(f"W{w}A{a}", flush=True)
         for lab in labels:
-            spec = rex.QuantSpec(wbits=w, abits=a, **METHODS[lab][1])
+            spec = make_spec(dict(name=lab, **ROW_OVERRIDES.get(lab, {})), w, a)
+            labels_of[lab] = row_label(spec)
             grid[(lab, w, a)] = run_one(args.model, spec, args.dataset, args.limit, cache, cache_path, args.fresh)
     pt_settings = [tuple(int(b) for b in s.split("/")) for s in args.per_tensor.split(",") if s]
     pt: dict = {}
     for w, a in pt_settings:
         print(f"per-tensor W{w}A{a}", flush=True)
         for lab, kw in PER_TENSOR.items():
-            spec = rex.QuantSpec(wbits=w, abits=a, granularity="per_tensor", **kw)
+            spec = make_spec(kw, w, a, granularity="per_tensor")
             pt[(lab, w, a)] = run_one(args.model, spec, args.dataset, args.limit, cache, cache_path, args.fresh)
 
     n = fp.get("n")
@@ -154,7 +187,7 @@ def main(argv=None) -> int:
         for w, a in settings:
             r = grid[(lab, w, a)]
             cells.append(f"{_fmt(r.get('top1'), nd)} | {r.get('bops', 0) / 1e9:.2f}")
-        lines.append(f"| {METHODS[lab][0]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels_of[lab]} | " + " | ".join(cells) + " |")
     lines += ["", "Details (agreement with FP32, BOPs relative to RTN at the same W/A, quantization time):", "",
               "| W/A | Method | top-1 | top-5 | agreement | BOPs vs RTN | quant s | notes |", "|---|---|---|---|---|---|---|---|"]
     for w, a in settings:
@@ -172,7 +205,7 @@ def main(argv=None) -> int:
                 d = ex["dfq"]
                 note.append(f"{d['pairs']} pairs, {d['absorbed']} absorbed, {d['bias_corrected']} biases corrected")
             ratio = None if not base else r.get("bops", 0) / base
-            lines.append(f"| W{w}A{a} | {METHODS[lab][0]} | {_fmt(r.get('top1'), nd)} | {_fmt(r.get('top5'), nd)} | {_fmt(r.get('agreement'), nd)} | "
+            lines.append(f"| W{w}A{a} | {labels_of[lab]} | {_fmt(r.get('top1'), nd)} | {_fmt(r.get('top5'), nd)} | {_fmt(r.get('agreement'), nd)} | "
                          f"{_fmt(ratio, 3)} | {_fmt(r.get('quant_seconds'), 1)} | {'; '.join(note)} |")
     if pt:
         lines += ["", "## Per-tensor weights (the DFQ setting)", "",

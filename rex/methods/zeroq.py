@@ -1,0 +1,61 @@
+"""ZeroQ (Cai et al. 2020): distilled data (BatchNorm statistics matching, rex.zeroq) sets the activation
+ranges only; weights are quantized exactly as RTN.
+
+Options: zeroq_batch (8), zeroq_steps (200), zeroq_lr (0.2), zeroq_percentile (None = min/max).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..engine import default_example_input, quantize_model
+from ..errors import ConfigError
+from . import MethodConfig, coerce, register_method, require_order_one
+
+
+@dataclass(frozen=True)
+class ZeroQConfig(MethodConfig):
+    zeroq_batch: int = 8
+    zeroq_steps: int = 200
+    zeroq_lr: float = 0.2
+    zeroq_percentile: Optional[float] = None  # None: [min, max] of the distilled activations
+
+    def validate(self) -> None:
+        for key, kind in (("zeroq_batch", int), ("zeroq_steps", int), ("zeroq_lr", float)):
+            self._set(key, coerce(kind, key, getattr(self, key)))
+        if self.zeroq_batch < 1 or self.zeroq_steps < 0:
+            raise ConfigError(f"options.zeroq_batch must be >= 1 and zeroq_steps >= 0, got {self.zeroq_batch}, "
+                              f"{self.zeroq_steps}")
+        pct = self.zeroq_percentile
+        if pct is not None and not (50 < coerce(float, "zeroq_percentile", pct) <= 100):
+            raise ConfigError(f"options.zeroq_percentile must be in (50, 100] or None (min/max), got {pct!r}")
+
+
+@register_method("zeroq", "ZeroQ (Cai et al. 2020): distilled data (BN statistics matching) sets the activation ranges only",
+                 config=ZeroQConfig, display="ZeroQ")
+def zeroq(model, spec, example_input=None, input_range=None):
+    from ..transforms import fold_batchnorm
+    from ..zeroq import activation_ranges, distill
+
+    require_order_one(spec, "zeroq", None)
+    cfg = spec.config
+    batch, steps, lr, pct = cfg.zeroq_batch, cfg.zeroq_steps, cfg.zeroq_lr, cfg.zeroq_percentile
+    ex = example_input if example_input is not None else default_example_input(model)
+    if not isinstance(ex, torch.Tensor):
+        raise ConfigError("zeroq needs a single-tensor example_input (the shape of the distilled batch)")
+    data, dinfo = distill(model, tuple(ex.shape), batch=batch, steps=steps, seed=spec.seed, lr=lr)
+    folded = fold_batchnorm(model, ex).model if spec.fold_bn else model
+    t0 = time.perf_counter()
+    ranges = activation_ranges(folded, data, None if pct is None else float(pct))
+    if ranges:  # the network input keeps the protocol's range (input_range, or float without one)
+        ranges.pop(next(iter(ranges)))
+    range_seconds = time.perf_counter() - t0
+    q = quantize_model(model, spec, ex, input_range, range_override=ranges)
+    q.rex_info.extra["zeroq_seconds"] = round(dinfo["seconds"] + range_seconds, 3)
+    q.rex_info.extra["zeroq"] = dict(batch=batch, steps=steps, lr=lr, seed=spec.seed, percentile=pct,
+                                     loss_first=dinfo["loss_first"], loss_last=dinfo["loss_last"],
+                                     distill_cached=dinfo["cached"], layers=len(ranges))
+    return q
