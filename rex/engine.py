@@ -2,8 +2,8 @@
 
 1. deep-copy the model (the input is never touched), check that every weight is finite;
 2. fold BatchNorm (its beta/gamma become the per-channel output statistics of the conv);
-3. optional method-specific preparation (DFQ equalization, OCS splitting, ...);
-4. trace one forward pass: execution order of the weight layers, their input shapes and data-free ranges;
+3. the method's transforms, in order (DFQ equalization, OCS splitting, ...: ``rex.transforms.base``);
+4. the recorded op graph (``rex.graph``): execution order of the weight layers, input shapes, data-free ranges;
 5. plan per layer (first/last-layer policy): weight bits, activation bits, maximum order;
 6. allocate the sparse orders under the budget (uniform or greedy), choose neurons by residual norm;
 7. expand each weight and swap in a QuantLayer.
@@ -14,7 +14,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,8 +34,8 @@ from .expansion import (
 )
 from .nn.layers import ActQuantizer, QuantLayer, canonical_weight, make_quant_layer
 from .quant import WeightQuantizer, check_finite, round_nearest
-from .trace import trace
-from .transforms import fold_batchnorm, get_module, set_module
+from .trace import ranges
+from .transforms import Context, FoldBatchNorm, Transform, finish_transforms, get_module, set_module, run_transforms
 
 if TYPE_CHECKING:  # annotations only: the engine does not import the spec (spec -> methods -> engine)
     from .spec import QuantSpec
@@ -43,7 +43,6 @@ if TYPE_CHECKING:  # annotations only: the engine does not import the spec (spec
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
 QuantizerFactory = Callable[[int, str], WeightQuantizer]  # (bits, layer name) -> operator
-Prepare = Callable[[nn.Module, object, dict], tuple[nn.Module, dict]]
 
 
 @dataclass
@@ -69,6 +68,7 @@ class QuantInfo:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    transforms: dict = field(default_factory=dict)  # transform name -> its summary (rex.transforms.base)
 
 
 def check_model_weights(model: nn.Module) -> None:
@@ -160,7 +160,7 @@ def quantize_model(
     input_range: Optional[tuple[float, float]] = None,
     *,
     quantizer_factory: Optional[QuantizerFactory] = None,
-    prepare: Optional[Prepare] = None,
+    transforms: Optional[Sequence[Transform]] = None,
     range_override: Optional[dict[str, tuple[float, float]]] = None,
     inplace: bool = False,
 ) -> nn.Module:
@@ -172,22 +172,21 @@ def quantize_model(
     m.eval()
     ex = example_input if example_input is not None else default_example_input(m)
     info = QuantInfo(spec)
-    stats: dict = {}
-    if prepare is None:
-        # one tracing pass serves both folding and ranges: a BN's output range is the same whether it is
+    ctx = Context(ex)
+    fold = [FoldBatchNorm()] if spec.fold_bn else []
+    if transforms is None:
+        # no preparation: one recording serves both folding and ranges: a BN's output range is the same whether it is
         # folded or not, and folding renames nothing
-        tr = trace(m, ex, sigma=spec.sigma, input_range=input_range)
-        if spec.fold_bn:
-            fr = fold_batchnorm(m, ex, inplace=True, trace_result=tr)
-            info.folded = fr.folded
-            for conv, bn in fr.folded:
-                tr.output_range[conv] = tr.bn_output_range.get(bn)
+        tr = ranges(ctx.graph(m), sigma=spec.sigma, input_range=input_range)
+        run_transforms(m, fold, ctx)
+        for conv, bn in ctx.folded:
+            tr.output_range[conv] = tr.bn_output_range.get(bn)
     else:
-        if spec.fold_bn:
-            fr = fold_batchnorm(m, ex, inplace=True)
-            stats, info.folded = fr.output_stats, fr.folded
-        m, stats = prepare(m, ex, stats)
-        tr = trace(m, ex, sigma=spec.sigma, input_range=input_range, output_stats=stats)
+        # a method's transforms (a list, even empty): the ranges come from the BN statistics they kept in step
+        run_transforms(m, [*fold, *transforms], ctx)
+        tr = ranges(ctx.graph(m), sigma=spec.sigma, input_range=input_range, output_stats=ctx.stats)
+    info.folded = ctx.folded
+    ctx.invalidate()  # the recording keeps every activation of the pass alive: not needed from here on
     if not tr.order:
         raise ConfigError("model has no Conv2d or Linear layer reached by the example input: nothing to quantize")
     if range_override:
@@ -235,6 +234,8 @@ def quantize_model(
             info.notes.append(note)
             warnings.warn(note, Int32OverflowWarning, stacklevel=2)
     m.rex_info = info
+    finish_transforms(m, transforms or (), ctx)
+    info.transforms = ctx.info
     return m
 
 

@@ -7,7 +7,6 @@ cle_iters (100), cle_tol (1e-4).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from torch import nn
@@ -33,43 +32,37 @@ class DFQConfig(MethodConfig):
         self._set("cle_tol", coerce(float, "cle_tol", self.cle_tol))
 
 
+def dfq_transforms(cfg: DFQConfig) -> list:
+    """DFQ's preparation as transforms (after BN folding): equalization (with ReLU6 -> ReLU; 0 sweeps when
+    ``equalize`` is off), high-bias absorption, analytic bias correction of the quantized weights."""
+    from ..transforms import AbsorbHighBias, BiasCorrection, Equalize
+
+    ts = []
+    if cfg.equalize or cfg.absorb or cfg.relu6:
+        ts.append(Equalize(relu6=cfg.relu6, max_iter=cfg.cle_iters if cfg.equalize else 0, tol=cfg.cle_tol))
+    if cfg.absorb:
+        ts.append(AbsorbHighBias(absorb_padded=cfg.absorb_padded))
+    if cfg.bias_correct:
+        ts.append(BiasCorrection())
+    return ts
+
+
 def dfq_quantize(model, spec, example_input=None, input_range=None) -> nn.Module:
     """DFQ preparation + quantization (any order) + analytic bias correction of W(K)."""
-    from ..transforms.bias_correction import correct_biases, expected_inputs
-    from ..transforms.equalize import cross_layer_equalization
-
     cfg = spec.config
-    state: dict = {}
-
-    def prepare(m, ex, stats):
-        t0 = time.perf_counter()
-        info = {}
-        if cfg.equalize or cfg.absorb or cfg.relu6:
-            info = cross_layer_equalization(m, ex, stats, relu6=cfg.relu6, absorb=cfg.absorb,
-                                            absorb_padded=cfg.absorb_padded,
-                                            max_iter=cfg.cle_iters if cfg.equalize else 0, tol=cfg.cle_tol)
-        if cfg.bias_correct:
-            state["weights"] = {n: mod.weight.detach().clone() for n, mod in m.named_modules()
-                                if isinstance(mod, (nn.Conv2d, nn.Linear))}
-            state["expected"] = expected_inputs(m, ex, stats)
-        state["info"] = info
-        state["seconds"] = time.perf_counter() - t0
-        return m, stats
-
-    q = quantize_model(model, spec, example_input, input_range, prepare=prepare)
-    corrected = {}
-    if cfg.bias_correct:
-        corrected = correct_biases(q, state["weights"], state["expected"])
-    info = state.get("info", {})
+    q = quantize_model(model, spec, example_input, input_range, transforms=dfq_transforms(cfg))
+    done = q.rex_info.transforms
+    eq, ab, bc = done.get("equalize", {}), done.get("absorb_high_bias", {}), done.get("bias_correction", {})
+    seconds = sum(done[k]["seconds"] for k in ("equalize", "absorb_high_bias", "bias_correction") if k in done)
     q.rex_info.extra["dfq"] = dict(
-        pairs=len(info.get("pairs", [])), relu6_replaced=len(info.get("relu6_replaced", [])),
-        cle_iterations=info.get("iterations"), cle_max_log_scale=info.get("max_log_scale"),
-        absorbed=len(info.get("absorbed", {})), bias_corrected=len(corrected), prepare_seconds=state.get("seconds"),
+        pairs=len(eq.get("pairs", [])), relu6_replaced=len(eq.get("relu6_replaced", [])),
+        cle_iterations=eq.get("iterations"), cle_max_log_scale=eq.get("max_log_scale"),
+        absorbed=len(ab.get("absorbed", {})), bias_corrected=len(bc.get("corrected", {})), prepare_seconds=seconds,
         options=dict(relu6=cfg.relu6, equalize=cfg.equalize, absorb=cfg.absorb, absorb_padded=cfg.absorb_padded,
                      bias_correct=cfg.bias_correct),
     )
-    if cfg.relu6 and info.get("relu6_replaced"):
-        q.rex_info.notes.append(f"dfq: {len(info['relu6_replaced'])} ReLU6 replaced by ReLU (equalization paths)")
+    if cfg.relu6 and eq.get("relu6_replaced"):
+        q.rex_info.notes.append(f"dfq: {len(eq['relu6_replaced'])} ReLU6 replaced by ReLU (equalization paths)")
     return q
 
 

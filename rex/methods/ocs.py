@@ -28,17 +28,11 @@ class OCSConfig(MethodConfig):
 @register_method("ocs", "OCS (Zhao et al. 2019): outlier channel splitting (options.expand_ratio, default 0.02), function preserving",
                  config=OCSConfig, display="OCS")
 def ocs(model, spec, example_input=None, input_range=None):
-    from ..transforms.ocs import ocs_split
+    from ..transforms import SplitOutlierChannels
 
     require_order_one(spec, "ocs", None)
     ratio = spec.config.expand_ratio
-    state: dict = {}
-
-    def prepare(m, ex, stats):
-        state["added"] = ocs_split(m, ratio, stats=stats)
-        return m, stats
-
-    q = quantize_model(model, spec, example_input, input_range, prepare=prepare)
-    q.rex_info.extra["ocs"] = dict(expand_ratio=ratio, layers_split=len(state["added"]),
-                                   channels_added=int(sum(state["added"].values())))
+    q = quantize_model(model, spec, example_input, input_range, transforms=[SplitOutlierChannels(ratio)])
+    added = q.rex_info.transforms["ocs_split"]["added"]
+    q.rex_info.extra["ocs"] = dict(expand_ratio=ratio, layers_split=len(added), channels_added=int(sum(added.values())))
     return q

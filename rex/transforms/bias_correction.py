@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..graph import Graph, record
+from .base import Context, Transform
 from .equalize import apply_to_constant
 
 Stat = Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]  # (mean [C], var [C] or None)
@@ -241,3 +242,20 @@ def correct_biases(qmodel: nn.Module, float_weights: dict[str, torch.Tensor], ex
         inner.bias.data = inner.bias.detach() - shift.to(inner.bias.dtype)
         done[name] = float(shift.abs().max())
     return done
+
+
+class BiasCorrection(Transform):
+    """Before quantization: keep each Conv/Linear layer's float weight and its input's E[x] (the moment rules
+    over ``ctx.graph``, from ``ctx.stats``); after: ``correct_biases`` on the quantized model."""
+
+    name = "bias_correction"
+    reads_only = True
+
+    def apply(self, model: nn.Module, ctx: Context) -> dict:
+        self.weights = {n: mod.weight.detach().clone() for n, mod in model.named_modules()
+                        if isinstance(mod, (nn.Conv2d, nn.Linear))}
+        self.expected = expected_inputs(model, output_stats=ctx.stats, graph=ctx.graph(model))
+        return {}
+
+    def after_quantize(self, qmodel: nn.Module, ctx: Context) -> dict:
+        return dict(corrected=correct_biases(qmodel, self.weights, self.expected))

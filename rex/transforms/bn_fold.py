@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..graph import record
+from .base import Context, Transform
 from .modules import get_module, set_module
 
 
@@ -36,15 +37,20 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> None:
     conv.bias = nn.Parameter(((b - mean) * inv + beta).to(conv.weight.dtype), requires_grad=False)
 
 
-def fold_batchnorm(model: nn.Module, example_input, inplace: bool = False, trace_result=None) -> FoldResult:
+def fold_batchnorm(model: nn.Module, example_input, inplace: bool = False, trace_result=None,
+                   graph=None) -> FoldResult:
     """Fold every BN that directly follows a Conv2d. Returns the new model and the folded pairs.
-    ``trace_result`` (a ``rex.trace.trace`` of this very model) saves the recording pass."""
+    ``trace_result`` (a ``rex.trace.trace``) or ``graph`` (a ``rex.graph.record``) of this very model saves
+    the recording pass."""
     import copy
 
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    pairs = trace_result.conv_bn if trace_result is not None else record(model, example_input).conv_bn_pairs()
+    if trace_result is not None:
+        pairs = trace_result.conv_bn
+    else:
+        pairs = (graph if graph is not None else record(model, example_input)).conv_bn_pairs()
     out = FoldResult(model)
     for conv_name, bn_name in pairs:
         conv, bn = get_module(model, conv_name), get_module(model, bn_name)
@@ -57,3 +63,17 @@ def fold_batchnorm(model: nn.Module, example_input, inplace: bool = False, trace
         out.folded.append((conv_name, bn_name))
         out.output_stats[conv_name] = (beta.float(), gamma.float())
     return out
+
+
+class FoldBatchNorm(Transform):
+    """Fold every BN that directly follows a Conv2d (in place); ``ctx.stats`` gets each folded conv's output
+    statistics (the BN's beta, gamma), ``ctx.folded`` the pairs. The engine runs it first when ``spec.fold_bn``."""
+
+    name = "fold_bn"
+
+    def apply(self, model: nn.Module, ctx: Context) -> dict:
+        fr = fold_batchnorm(model, ctx.example_input, inplace=True, graph=ctx.graph(model))
+        ctx.stats.update(fr.output_stats)
+        ctx.folded.extend(fr.folded)
+        return dict(folded=list(fr.folded))
+

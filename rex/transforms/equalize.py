@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..graph import Graph, record
+from .base import Context, Transform
 from .modules import get_module, set_module
 
 # ops through which a per-channel positive scale passes unchanged (relu(s x) = s relu(x), ...)
@@ -318,14 +319,44 @@ def absorb_high_bias(model: nn.Module, pairs: list[Pair], stats: dict, n_sigma: 
     return done
 
 
+class Equalize(Transform):
+    """Find the equalization pairs (``ctx.pairs``), turn the ReLU6 on their paths into ReLU (``relu6``), and
+    equalize them (``max_iter`` sweeps; 0 = pairs only), keeping ``ctx.stats`` in step."""
+
+    name = "equalize"
+
+    def __init__(self, relu6: bool = True, max_iter: int = 100, tol: float = 1e-4):
+        self.relu6, self.max_iter, self.tol = relu6, max_iter, tol
+
+    def apply(self, model: nn.Module, ctx: Context) -> dict:
+        pairs = find_pairs(model, allow_relu6=self.relu6, graph=ctx.graph(model))
+        ctx.pairs = pairs
+        replaced = relu6_to_relu(model, pairs) if self.relu6 else []
+        eq = equalize(model, pairs, ctx.stats, max_iter=self.max_iter, tol=self.tol)
+        return dict(pairs=[(p.first, p.second) for p in pairs], relu6_replaced=replaced, iterations=eq.iterations,
+                    max_log_scale=eq.max_log_scale)
+
+
+class AbsorbHighBias(Transform):
+    """High-bias absorption over ``ctx.pairs`` (found here if no ``Equalize`` ran before), from ``ctx.stats``."""
+
+    name = "absorb_high_bias"
+
+    def __init__(self, absorb_padded: bool = False, n_sigma: float = 3.0):
+        self.absorb_padded, self.n_sigma = absorb_padded, n_sigma
+
+    def apply(self, model: nn.Module, ctx: Context) -> dict:
+        if ctx.pairs is None:
+            ctx.pairs = find_pairs(model, graph=ctx.graph(model))
+        return dict(absorbed=absorb_high_bias(model, ctx.pairs, ctx.stats, n_sigma=self.n_sigma,
+                                              absorb_padded=self.absorb_padded))
+
+
 def cross_layer_equalization(model: nn.Module, example_input, stats: Optional[dict] = None, *, relu6: bool = True,
                              absorb: bool = True, absorb_padded: bool = False, max_iter: int = 100,
                              tol: float = 1e-4) -> dict:
     """ReLU6 -> ReLU on the pair paths, equalize, absorb high biases (in place). Returns a summary."""
-    stats = stats if stats is not None else {}
-    pairs = find_pairs(model, example_input, allow_relu6=relu6)
-    replaced = relu6_to_relu(model, pairs) if relu6 else []
-    eq = equalize(model, pairs, stats, max_iter=max_iter, tol=tol)
-    absorbed = absorb_high_bias(model, pairs, stats, absorb_padded=absorb_padded) if absorb else {}
-    return dict(pairs=[(p.first, p.second) for p in pairs], relu6_replaced=replaced, iterations=eq.iterations,
-                max_log_scale=eq.max_log_scale, absorbed=absorbed)
+    ctx = Context(example_input, stats if stats is not None else {})
+    out = Equalize(relu6, max_iter, tol).apply(model, ctx)
+    out["absorbed"] = AbsorbHighBias(absorb_padded).apply(model, ctx)["absorbed"] if absorb else {}
+    return out

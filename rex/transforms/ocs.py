@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .base import Context, Transform
 from .modules import get_module, set_module
 
 
@@ -106,3 +107,15 @@ def ocs_split(model: nn.Module, expand_ratio: float = 0.02, names: Optional[list
         if stats is not None and name in stats:
             stats[f"{name}.layer"] = stats.pop(name)
     return done
+
+
+class SplitOutlierChannels(Transform):
+    """``ocs_split`` of every dense layer at ``expand_ratio``, ``ctx.stats`` re-keyed to the split layers."""
+
+    name = "ocs_split"
+
+    def __init__(self, expand_ratio: float = 0.02):
+        self.expand_ratio = expand_ratio
+
+    def apply(self, model: nn.Module, ctx: Context) -> dict:
+        return dict(added=ocs_split(model, self.expand_ratio, stats=ctx.stats))
