@@ -26,7 +26,7 @@ test: setup
 lint:
 	$(PY) workflow/scripts/check_lint.py
 	@for g in conf/grid/*.yaml; do \
-	  echo "dry-run $$g"; $(SNAKEMAKE) -n -q --cores 1 --configfile $$g --config results_dir=/tmp/rex-lint-$$$$ >/dev/null || exit 1; \
+	  echo "dry-run $$g"; $(SNAKEMAKE) -n -q --cores 1 --configfile "$$g" --config results_dir=/tmp/rex-lint-$$$$ >/dev/null || exit 1; \
 	done
 	$(PY) -m compileall -q rex workflow/scripts tests
 

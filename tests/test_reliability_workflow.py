@@ -1,0 +1,144 @@
+"""Workflow-level reliability (issue 13): no grid value reaches a shell unquoted; a temporary fault is retried
+by the next run and never replaces a good result; a cached checkpoint is reused only for the same full
+recipe; `make run` finishes the grid after SIGINT, SIGTERM or SIGKILL of Snakemake."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rex.paths import PROJECT_ROOT
+
+ROOT = PROJECT_ROOT
+MODEL = "resnet20_fmnist"
+
+
+def _snakemake(args: list, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# ------------------------------------------------------------------ 1. no grid value reaches a shell unquoted
+
+# A stand-in for `python` (the grid's `python:` key puts its folder first on the jobs' PATH): it records the
+# argv every rule's shell command hands it, and creates the rule's outputs so that the whole DAG runs.
+FAKE_PYTHON = textwrap.dedent("""\
+    #!{python}
+    import json, os, sys
+    argv = sys.argv[1:]
+    with open(os.environ["REX_TEST_ARGV_LOG"], "a") as f:
+        f.write(json.dumps(argv) + "\\n")
+    def opt(name):
+        return argv[argv.index(name) + 1] if name in argv else None
+    def touch(p):
+        os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
+        open(p, "w").close()
+    out = opt("--out")
+    if argv[:2] == ["-m", "rex.pipeline.job"]:
+        touch(os.path.join(out, "done"))
+    elif argv and argv[0].endswith("train_model.py"):
+        touch(os.path.join(out, "model.pt")); touch(os.path.join(out, "metrics.json"))
+    elif argv and argv[0].endswith("aggregate.py"):
+        touch(opt("--summary")); touch(opt("--jobs"))
+    elif opt("--out-prefix"):
+        for ext in ("md", "csv", "tex"):
+            touch(opt("--out-prefix") + "." + ext)
+    elif out:
+        touch(out)
+    """)
+
+
+def _payloads(tmp: Path) -> dict:
+    """One hostile value per shell metacharacter; each would create its own marker file if a shell ran it."""
+    m = {k: tmp / f"marker-{k}" for k in ("semicolon", "subst", "backtick", "and", "quote", "newline", "dquote")}
+    return {
+        "semicolon": f"0.05;touch {m['semicolon']}",
+        "subst": f"$(touch {m['subst']})",
+        "backtick": f"`touch {m['backtick']}`",
+        "and": f"x && touch {m['and']}",
+        "quote": f"a' ; touch {m['quote']} ; echo 'b",
+        "newline": f"x\ntouch {m['newline']}",
+        "dquote": f'a" ; touch {m["dquote"]} ; echo "b c',
+    }, m
+
+
+def test_no_grid_value_reaches_a_shell_unquoted(tmp_path):
+    """Every grid field that ends up in a rule's command carries shell metacharacters (`;`, `$(...)`, backticks,
+    `&&`, quotes, a newline, spaces): the whole DAG runs (with a recording stand-in for `python`), no marker
+    file appears, and every value arrives in the command's argv verbatim."""
+    p, markers = _payloads(tmp_path)
+    weird = tmp_path / "w d;$(x)`y`&&'q\""
+    bindir = weird / "bin"
+    bindir.mkdir(parents=True)
+    fake = bindir / "python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    argv_log = tmp_path / "argv.jsonl"
+    train_args = ["--lr", p["semicolon"], "--seed", p["subst"], p["backtick"], p["and"], p["quote"], p["newline"],
+                  "two words", p["dquote"]]
+    cfg = yaml.safe_load((ROOT / "conf/grid/smoke.yaml").read_text())
+    cfg.update(
+        name=f"smoke {p['semicolon']}",
+        results_dir=str(weird / "results"),
+        tracking_uri=f"sqlite:///{weird}/mlflow.db{p['and']}",
+        python=str(fake),
+        imagenet_root=str(weird / "imagenet" / p["backtick"]),
+        coco_root=p["quote"],
+        cityscapes_root=p["dquote"],
+    )
+    cfg["models"] = [
+        {"model": MODEL, "dataset": "fashion_mnist", "limit": 50, "train_args": train_args},
+        {"model": "mobilenet_v2", "dataset": "imagenet_val", "limit": 4, "fp32": False,
+         "methods": [{"method": "rtn", "bits": [[8, 8]], "options": {"note": p["newline"]}}]},
+        {"model": "fastestdet_coco", "dataset": "coco_val2017", "limit": 2, "fp32": False,
+         "methods": [{"method": "rtn", "bits": [[8, 8]]}]},
+        {"model": "espnet_cityscapes", "dataset": "cityscapes_val", "limit": 2, "fp32": False,
+         "methods": [{"method": "rtn", "bits": [[8, 8]]}]},
+    ]
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(cfg))
+    r = _snakemake(["--cores", "1", "--configfile", str(grid_file)], env={"REX_TEST_ARGV_LOG": str(argv_log)})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert not [k for k, f in markers.items() if f.exists()], "a grid value was run by a shell"
+    calls = [json.loads(line) for line in argv_log.read_text().splitlines()]
+
+    from rex.pipeline import grid
+
+    jobs = grid.expand(cfg, ROOT)
+    train = [c for c in calls if c[0].endswith("train_model.py")]
+    assert len(train) == 1 and train[0][train[0].index("--") + 1:] == train_args, train
+    assert train[0][train[0].index("--out") + 1] == grid.relpath(weird / "results" / "models" / MODEL, ROOT)
+    job_calls = sorted((c for c in calls if c[:2] == ["-m", "rex.pipeline.job"]), key=lambda c: c[3])
+    assert len(job_calls) == len(jobs) == 6
+    for c, job in zip(job_calls, sorted(jobs, key=lambda j: j["dir"])):
+        assert c == ["-m", "rex.pipeline.job", "--out", job["dir"], "--threads", "1", "--no-mlflow",
+                     *job["overrides"]], (c, job["overrides"])
+    overrides = [o for c in job_calls for o in c]
+    for needle in (f"dataset.root={grid.hydra_value(cfg['imagenet_root'])}",
+                   f"dataset.root={grid.hydra_value(p['quote'])}", f"dataset.root={grid.hydra_value(p['dquote'])}",
+                   f"++method.options.note={grid.hydra_value(p['newline'])}"):
+        assert needle in overrides, needle
+    logged = [c for c in calls if c[0].endswith("tracking.py")]
+    assert len(logged) == 6 and all(c[c.index("--grid") + 1] == cfg["name"] and
+                                    c[c.index("--tracking-uri") + 1] == cfg["tracking_uri"] for c in logged)
+    page = [c for c in calls if c[0].endswith("report.py") and c[1] == "page"]
+    assert len(page) == 1 and page[0][page[0].index("--grid") + 1] == cfg["name"]
+
+
+def test_a_hostile_train_arg_is_refused_by_the_real_training(tmp_path):
+    """Arrived verbatim, `--lr "0.05;touch x"` is not a number: rex.train refuses it (exit 2, one line)."""
+    marker = tmp_path / "marker"
+    r = subprocess.run([sys.executable, "workflow/scripts/train_model.py", "--model", MODEL, "--out",
+                        str(tmp_path / "m"), "--threads", "1", "--", "--smoke", "--lr", f"0.05;touch {marker}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "invalid float value: '0.05;touch" in r.stderr, r.stderr[-2000:]
+    assert not marker.exists() and not (tmp_path / "m" / "model.pt").exists()
