@@ -142,3 +142,84 @@ def test_a_hostile_train_arg_is_refused_by_the_real_training(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "invalid float value: '0.05;touch" in r.stderr, r.stderr[-2000:]
     assert not marker.exists() and not (tmp_path / "m" / "model.pt").exists()
+
+
+# -------------------------------------------------- 4. a cached checkpoint is reused only for the same recipe
+
+def _train_model_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_model_script", ROOT / "workflow/scripts/train_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def smoke_cache(tmp_path_factory):
+    """A cache (REX_CACHE) holding a smoke checkpoint trained with batch 32 / lr 0.05 on 1 thread."""
+    cache = tmp_path_factory.mktemp("cache")
+    out = cache / "models" / MODEL
+    r = subprocess.run([sys.executable, "-m", "rex.train", "--model", MODEL, "--out", str(out), "--threads", "1",
+                        "--smoke", "--batch-size", "32", "--lr", "0.05"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env={**os.environ, "REX_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cache
+
+
+RECIPE = ["--smoke", "--batch-size", "32", "--lr", "0.05"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, reused", [
+    (RECIPE, True),
+    (["--smoke"], False),                                    # default batch 128 / lr 0.1 (the reported case)
+    (["--smoke", "--batch-size", "128", "--lr", "0.05"], False),
+    (["--smoke", "--batch-size", "32", "--lr", "0.1"], False),
+    (RECIPE + ["--optimizer", "adam"], False),
+    (RECIPE + ["--weight-decay", "0.001"], False),
+    (RECIPE + ["--seed", "1"], False),
+    (RECIPE + ["--no-augment"], False),
+    (RECIPE + ["--limit", "1024"], False),
+    (RECIPE + ["--epochs", "2"], False),
+    (RECIPE + ["--threads", "2"], False),                    # another thread count trains another checkpoint
+    (RECIPE + ["--bogus"], False),                           # does not parse: training runs and reports it
+])
+def test_cached_checkpoint_needs_the_full_recipe(smoke_cache, monkeypatch, args, reused):
+    monkeypatch.setenv("REX_CACHE", str(smoke_cache))
+    tm = _train_model_script()
+    got = tm.cached_match(MODEL, tm.requested(MODEL, 1, args))
+    assert (got is not None) is reused, args
+
+
+@pytest.mark.slow
+def test_another_recipe_trains_the_same_recipe_copies(smoke_cache, tmp_path):
+    env = {**os.environ, "REX_CACHE": str(smoke_cache)}
+    cached = json.loads((smoke_cache / "models" / MODEL / "metrics.json").read_text())
+
+    def run(out, args):
+        return subprocess.run([sys.executable, "workflow/scripts/train_model.py", "--model", MODEL, "--out", str(out),
+                               "--threads", "1", "--reuse-cache", "--", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=900, env=env)
+
+    same = run(tmp_path / "same", RECIPE)
+    assert same.returncode == 0 and "reused the cached checkpoint" in same.stdout, same.stdout + same.stderr
+    assert json.loads((tmp_path / "same" / "metrics.json").read_text())["sha256"] == cached["sha256"]
+    other = run(tmp_path / "other", ["--smoke", "--batch-size", "64", "--lr", "0.05"])
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "not reusing the cached checkpoint" in other.stdout and "differs in batch_size, warmup_steps" in other.stdout
+    m = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    assert m["full_recipe"]["batch_size"] == 64 and m["sha256"] != cached["sha256"]
+    # a cache written before the full recipe was recorded: rebuilt from the fields its metrics.json holds
+    old = tmp_path / "oldcache" / "models" / MODEL
+    old.mkdir(parents=True)
+    (old / "model.pt").write_bytes((smoke_cache / "models" / MODEL / "model.pt").read_bytes())
+    legacy = {k: v for k, v in cached.items() if k not in ("full_recipe", "recipe_hash")}
+    (old / "metrics.json").write_text(json.dumps(legacy))
+    tm = _train_model_script()
+    os.environ["REX_CACHE"], prev = str(tmp_path / "oldcache"), os.environ.get("REX_CACHE")
+    try:
+        assert tm.cached_match(MODEL, tm.requested(MODEL, 1, RECIPE)) == old
+        assert tm.cached_match(MODEL, tm.requested(MODEL, 1, ["--smoke"])) is None
+    finally:
+        os.environ.pop("REX_CACHE") if prev is None else os.environ.__setitem__("REX_CACHE", prev)
