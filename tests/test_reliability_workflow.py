@@ -223,3 +223,140 @@ def test_another_recipe_trains_the_same_recipe_copies(smoke_cache, tmp_path):
         assert tm.cached_match(MODEL, tm.requested(MODEL, 1, ["--smoke"])) is None
     finally:
         os.environ.pop("REX_CACHE") if prev is None else os.environ.__setitem__("REX_CACHE", prev)
+
+
+# ------------------------------------------- 3. a temporary fault is retried, never a permanent result
+
+def test_failure_kinds():
+    import errno
+
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    from rex.errors import CheckpointError, ConfigError, DatasetError, UnknownNameError, WeightError
+    from rex.pipeline.job import failure_kind
+
+    env = [DatasetError("x"), CheckpointError("x"), MemoryError(), OSError(errno.ENOSPC, "No space left on device"),
+           PermissionError("x"), RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough "
+                                              "memory: you tried to allocate 1 bytes."),
+           RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")]
+    config = [ConfigError("x"), UnknownNameError("method", "x", ["rtn"]), WeightError("x"),
+              MissingConfigException("x"), ConfigCompositionException("x")]
+    assert [failure_kind(e) for e in env] == ["environment"] * len(env)
+    assert [failure_kind(e) for e in config] == ["config"] * len(config)
+    assert failure_kind(RuntimeError("shape mismatch")) == failure_kind(ZeroDivisionError()) == "unexpected"
+
+
+def _fm_copy(folder: Path) -> Path:
+    """A Fashion-MNIST folder of symlinks to the real IDX files (found the way rex.data finds them)."""
+    from rex.data.fashion_mnist import SPLITS, find_files
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        _, imgs, labs = find_files(split)
+        for p in (imgs, labs):
+            (folder / p.name).unlink(missing_ok=True)
+            (folder / p.name).symlink_to(p)
+    return folder
+
+
+def _corrupt(folder: Path) -> None:
+    for p in folder.glob("t10k-images*"):
+        p.unlink()
+        p.write_bytes(os.urandom(4321))
+
+
+JOB_OV = [f"model={MODEL}", "dataset=fashion_mnist", "evaluation=classification", "evaluation.limit=20",
+          "method=rtn", "method.wbits=8", "method.abits=8"]
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    import torch
+
+    from rex.models.small import BUILDERS
+
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("w") / "model.pt"
+    torch.save(BUILDERS[MODEL]().state_dict(), p)
+    return p
+
+
+def _run_job(out: Path, overrides: list, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rex.pipeline.job", "--out", str(out), "--no-mlflow", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+
+
+@pytest.mark.slow
+def test_environment_fault_is_retried_and_never_replaces_a_good_result(tmp_path, random_weights):
+    fm = _fm_copy(tmp_path / "fm")
+    env = {"REX_FMNIST_ROOT": str(fm), "REX_CACHE": str(tmp_path / "cache")}  # no decoded-data cache to hide it
+    ov = JOB_OV + [f"model.weights={random_weights}"]
+    fresh = tmp_path / "runs" / "classification" / MODEL / "method=rtn,w=8,a=8,K=1"
+    _corrupt(fm)
+    r = _run_job(fresh, ov, env)
+    assert r.returncode == 75, r.stdout + r.stderr
+    assert "the next run retries this job" in r.stderr
+    assert sorted(p.name for p in fresh.iterdir()) == ["FAILED.json", "config.yaml"]  # no `done`
+    rec = json.loads((fresh / "FAILED.json").read_text())
+    assert rec["kind"] == "environment" and rec["retry"] and rec["error"]["type"] == "DatasetError"
+
+    _fm_copy(fm)  # fixed: the retry computes it, the failure record is gone
+    r = _run_job(fresh, ov, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in fresh.iterdir()) == ["config.yaml", "done", "metrics.json"]
+    good = (fresh / "metrics.json").read_bytes()
+
+    for fault in ("data", "checkpoint", "config"):  # a failed rerun keeps the good result
+        bad_ov = list(ov)
+        if fault == "data":
+            _corrupt(fm)
+        elif fault == "checkpoint":
+            trunc = tmp_path / "trunc.pt"
+            trunc.write_bytes(random_weights.read_bytes()[:500])
+            bad_ov[-1] = f"model.weights={trunc}"
+        else:
+            bad_ov.append("method.budget=0.5")
+        r = _run_job(fresh, bad_ov, env)
+        assert r.returncode == 75, (fault, r.stdout + r.stderr)
+        assert "the previous good metrics.json is kept" in r.stderr
+        assert (fresh / "metrics.json").read_bytes() == good, fault
+        assert not (fresh / "done").exists() and not list(fresh.parent.glob(".*tmp*"))
+        rec = json.loads((fresh / "FAILED.json").read_text())
+        assert rec["previous_result_kept"] is True and rec["kind"] == ("config" if fault == "config" else "environment")
+        _fm_copy(fm)
+    from rex.pipeline.aggregate import read_record
+
+    assert read_record(fresh)["status"] == "ok"  # readers take the kept result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_corrupt_data_run_fix_rerun_computes_the_jobs(tmp_path):
+    """Smoke grid: model trained, then the data corrupted -> the run fails (exit != 0), no job is `done`; the
+    data fixed -> the plain rerun computes every job (not "Nothing to be done") and the model is not retrained."""
+    fm = _fm_copy(tmp_path / "fm")
+    results = tmp_path / "results"
+    env = {"REX_FMNIST_ROOT": str(fm), "REX_CACHE": str(tmp_path / "cache")}
+    base = ["--cores", "1", "--configfile", str(ROOT / "conf/grid/smoke.yaml"), "--config", f"results_dir={results}"]
+    ckpt = results / "models" / MODEL / "model.pt"
+    r = _snakemake([*base, "--", str(ckpt)], env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    mtime = ckpt.stat().st_mtime_ns
+    _corrupt(fm)
+    r = _snakemake(base, env=env)
+    assert r.returncode != 0, (r.stdout + r.stderr)[-3000:]
+    jobs = results / "runs" / "classification" / MODEL
+    assert not list(jobs.glob("*/done")) and not (results / "summary.csv").exists()
+    recs = [json.loads(p.read_text()) for p in jobs.glob("*/FAILED.json")]
+    assert recs and {(x["kind"], x["error"]["type"]) for x in recs} == {("environment", "DatasetError")}
+    _fm_copy(fm)
+    r = _snakemake(base, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "Nothing to be done" not in out, out[-3000:]
+    assert "train_model" not in out and ckpt.stat().st_mtime_ns == mtime
+    assert len(list(jobs.glob("*/done"))) == 3 and not list(jobs.glob("*/FAILED.json"))
+    import csv
+
+    with open(results / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and {x["status"] for x in rows} == {"ok"}
