@@ -42,11 +42,12 @@ FAKE_PYTHON = textwrap.dedent("""\
         os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
         open(p, "w").close()
     out = opt("--out")
-    if argv[:2] == ["-m", "rex.pipeline.job"]:
+    entry = argv[1] if argv[:1] == ["-m"] else (argv[0] if argv else "")  # `-m rex.pipeline.X` or a script
+    if entry == "rex.pipeline.job":
         touch(os.path.join(out, "done"))
-    elif argv and argv[0].endswith("train_model.py"):
+    elif entry.endswith("train_model.py"):
         touch(os.path.join(out, "model.pt")); touch(os.path.join(out, "metrics.json"))
-    elif argv and argv[0].endswith("aggregate.py"):
+    elif entry == "rex.pipeline.aggregate":
         touch(opt("--summary")); touch(opt("--jobs"))
     elif opt("--out-prefix"):
         for ext in ("md", "csv", "tex"):
@@ -127,10 +128,10 @@ def test_no_grid_value_reaches_a_shell_unquoted(tmp_path):
                    f"dataset.root={grid.hydra_value(p['quote'])}", f"dataset.root={grid.hydra_value(p['dquote'])}",
                    f"++method.options.note={grid.hydra_value(p['newline'])}"):
         assert needle in overrides, needle
-    logged = [c for c in calls if c[0].endswith("tracking.py")]
+    logged = [c for c in calls if c[:3] == ["-m", "rex.pipeline.tracking", "log"]]
     assert len(logged) == 6 and all(c[c.index("--grid") + 1] == cfg["name"] and
                                     c[c.index("--tracking-uri") + 1] == cfg["tracking_uri"] for c in logged)
-    page = [c for c in calls if c[0].endswith("report.py") and c[1] == "page"]
+    page = [c for c in calls if c[:3] == ["-m", "rex.pipeline.report", "page"]]
     assert len(page) == 1 and page[0][page[0].index("--grid") + 1] == cfg["name"]
 
 
@@ -360,3 +361,4 @@ def test_corrupt_data_run_fix_rerun_computes_the_jobs(tmp_path):
     with open(results / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {x["status"] for x in rows} == {"ok"}
+
