@@ -362,3 +362,103 @@ def test_corrupt_data_run_fix_rerun_computes_the_jobs(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {x["status"] for x in rows} == {"ok"}
 
+
+# ------------------------------------------- 2. an interrupted run resumes by itself: SIGINT, SIGTERM, SIGKILL
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie -- dead, not yet reaped -- counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait_gone(pid: int, seconds: float = 30) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _running_job(jobs: Path, label: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
+    """The pid of the job `label` once it is running (its `.label.tmp-<pid>` folder exists)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        pids = [int(t.name.rsplit("-", 1)[1]) for t in jobs.glob(f".{label}.tmp-*")] if jobs.is_dir() else []
+        live = [p for p in pids if _alive(p)]  # not the folder a job killed earlier left behind
+        if live:
+            return live[0]
+        time.sleep(0.05)
+    raise AssertionError(f"job {label} never started (Snakemake exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_interrupted_run_resumes_with_the_same_command(tmp_path, random_weights):
+    """`make run`'s command (workflow/scripts/run.py, which `make run` / `make smoke` call) on a 2-job grid is cut
+    three times while a job runs -- Ctrl-C (SIGINT to the whole process group), `kill` (SIGTERM to Snakemake),
+    `kill -9` (SIGKILL to Snakemake alone) -- and then rerun unchanged: it finishes, no job process outlives its
+    Snakemake, no complete job is recomputed, summary.csv has no duplicate row and MLflow holds one run per job."""
+    import csv
+    import shutil
+
+    results = tmp_path / "results"
+    models = results / "models" / MODEL
+    models.mkdir(parents=True)
+    shutil.copy(random_weights, models / "model.pt")  # the trained model is there: no training in this test
+    (models / "metrics.json").write_text("{}")
+    cfg = yaml.safe_load((ROOT / "conf/grid/smoke.yaml").read_text())
+    cfg.update(name="interrupt", results_dir=str(results))
+    cfg["models"] = [{"model": MODEL, "dataset": "fashion_mnist", "limit": 20}]
+    cfg["methods"] = [{"method": "rtn", "bits": [[8, 8]]}]
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "workflow/scripts/run.py", "--cores", "2", "--configfile", str(grid_file)]
+    jobs = results / "runs" / "classification" / MODEL
+    fp32, rtn = "method=fp32,w=32,a=32,K=1", "method=rtn,w=8,a=8,K=1"
+    env = {**os.environ, "REX_CACHE": str(tmp_path / "cache")}
+
+    def cut(label: str, sig: int, group: bool, n: int) -> int:
+        log = tmp_path / f"run{n}.log"
+        with open(log, "w") as lf:
+            p = subprocess.Popen(cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            job = _running_job(jobs, label, p, log)
+            time.sleep(0.5)
+            os.killpg(p.pid, sig) if group else os.kill(p.pid, sig)
+            rc = p.wait(timeout=300)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        assert _wait_gone(job), f"job {label} (pid {job}) outlived Snakemake ({signal.Signals(sig).name})"
+        assert rc != 0 or sig == signal.SIGTERM, log.read_text()[-3000:]
+        return rc
+
+    cut(fp32, signal.SIGINT, True, 1)  # Ctrl-C: the job dies with it, nothing complete-looking is left
+    assert not (jobs / fp32 / "done").exists()
+    cut(fp32, signal.SIGKILL, False, 2)  # kill -9 of Snakemake alone: its job must die too; its lock stays
+    assert not (jobs / fp32 / "done").exists() and any((ROOT / ".snakemake" / "locks").iterdir())
+    cut(rtn, signal.SIGTERM, False, 3)  # kill: Snakemake lets the running job finish, starts nothing new
+    done = {p.parent.name: p.stat().st_mtime_ns for p in jobs.glob("*/done")}
+    assert fp32 in done, sorted(p.name for p in jobs.iterdir())
+
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "IncompleteFilesException" not in out and "LockException" not in out
+    assert {p.parent.name: p.stat().st_mtime_ns for p in jobs.glob("*/done")}.items() >= done.items(), \
+        "a complete job was recomputed"
+    assert sorted(p.parent.name for p in jobs.glob("*/done")) == [fp32, rtn] and not list(jobs.glob(".*"))
+    with open(results / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = [(x["method"], x["wbits"], x["abits"], x["order"], x["budget"], x["metric"]) for x in rows]
+    assert rows and len(keys) == len(set(keys)) and {x["status"] for x in rows} == {"ok"}
+    from rex.pipeline.tracking import Tracker
+
+    runs = Tracker(f"sqlite:///{results}/mlflow.db", results).runs()
+    assert sorted(x.data.tags["label"] for x in runs) == [fp32, rtn]
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
