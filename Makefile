@@ -5,19 +5,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SNAKEMAKE := $(VENV)/bin/snakemake
 SNAKEFLAGS ?=
+# Snakemake with the project profile (workflow/profiles/default: rerun-incomplete, keep-going, latency-wait) and
+# a stale lock of a killed run removed: after Ctrl-C, kill or kill -9, the same command finishes the grid
+RUN := $(PY) workflow/scripts/run.py
 
 .PHONY: setup run smoke test lint dry-run clean-smoke
 
 setup:
-	bash workflow/scripts/setup.sh
+	REX_VENV=$(VENV) bash workflow/scripts/setup.sh
 
 # the embedded default grid (conf/grid/default.yaml) -> results/{summary.csv,tables,plots,report.md,mlflow.db}
 run: setup
-	$(SNAKEMAKE) --cores $(N) $(SNAKEFLAGS)
+	$(RUN) --cores $(N) $(SNAKEFLAGS)
 
 # a handful of jobs in results/smoke/ (< 2 min on 2 cores)
 smoke: setup
-	$(SNAKEMAKE) --cores $(N) --configfile conf/grid/smoke.yaml $(SNAKEFLAGS)
+	$(RUN) --cores $(N) --configfile conf/grid/smoke.yaml $(SNAKEFLAGS)
 
 test: setup
 	$(PY) -m pytest -q
@@ -26,12 +29,12 @@ test: setup
 lint:
 	$(PY) workflow/scripts/check_lint.py
 	@for g in conf/grid/*.yaml; do \
-	  echo "dry-run $$g"; $(SNAKEMAKE) -n -q --cores 1 --configfile $$g --config results_dir=/tmp/rex-lint-$$$$ >/dev/null || exit 1; \
+	  echo "dry-run $$g"; $(SNAKEMAKE) -n -q --cores 1 --configfile "$$g" --config results_dir=/tmp/rex-lint-$$$$ >/dev/null || exit 1; \
 	done
 	$(PY) -m compileall -q rex workflow/scripts tests
 
 dry-run:
-	$(SNAKEMAKE) -n --cores $(N) $(SNAKEFLAGS)
+	$(RUN) -n --cores $(N) $(SNAKEFLAGS)
 
 clean-smoke:
 	rm -rf results/smoke

@@ -14,6 +14,8 @@ seeded generator. Optimiser: SGD (Nesterov momentum 0.9) or Adam, linear warm-up
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import platform
@@ -40,6 +42,39 @@ RECIPES = {
     "mobilenetv2_fmnist": dict(epochs=3, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=4e-5),
 }
 SMOKE = dict(epochs=1, limit=512, test_limit=500)
+
+
+# Bump when the training code changes what a recipe produces (augmentation, schedule, optimiser details):
+# a cached checkpoint is reused only for the same full recipe, this version included.
+RECIPE_VERSION = 1
+N_TRAIN, N_TEST = 60000, 10000
+
+
+def full_recipe(name: str, *, epochs: Optional[int] = None, seed: int = 0, batch_size: Optional[int] = None,
+                lr: Optional[float] = None, optimizer: Optional[str] = None, weight_decay: Optional[float] = None,
+                threads: Optional[int] = None, limit: Optional[int] = None, test_limit: Optional[int] = None,
+                augment: bool = True) -> dict:
+    """Every setting that decides the trained weights, resolved (defaults filled in): the identity of a
+    checkpoint. The thread count is part of it (float reductions differ: another checkpoint)."""
+    if name not in RECIPES:
+        raise UnknownNameError("trainable model", name, RECIPES)
+    r = dict(RECIPES[name])
+    for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                     weight_decay=weight_decay).items():
+        if v is not None:
+            r[k] = v
+    n_train = min(int(limit), N_TRAIN) if limit else N_TRAIN
+    return {"version": RECIPE_VERSION, "model": name, "epochs": int(r["epochs"]), "batch_size": int(r["batch_size"]),
+            "lr": float(r["lr"]), "optimizer": r["optimizer"], "weight_decay": float(r["weight_decay"]),
+            "momentum": 0.9 if r["optimizer"] == "sgd" else None,
+            "warmup_steps": min(math.ceil(n_train / max(1, int(r["batch_size"]))) // 2, 200) or 1,
+            "schedule": "linear-warmup-cosine", "seed": int(seed), "n_train": n_train,
+            "n_test": min(int(test_limit), N_TEST) if test_limit else N_TEST, "augment": bool(augment),
+            "threads": int(threads) if threads else None}
+
+
+def recipe_hash(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 def _augment(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
@@ -187,6 +222,8 @@ def train(name: str, *, epochs: Optional[int] = None, seed: int = 0, out: Option
 
         model_path = out_dir / "model.pt"
         atomic_torch_save(state, model_path)
+        full = full_recipe(name, seed=seed, limit=limit, test_limit=test_limit, augment=augment,
+                           threads=torch.get_num_threads(), **{k: recipe[k] for k in RECIPES[name]})
         metrics = {
             "model": name,
             "test_accuracy": round(test_acc, 3),
@@ -196,6 +233,8 @@ def train(name: str, *, epochs: Optional[int] = None, seed: int = 0, out: Option
             "epochs": recipe["epochs"],
             "recipe": recipe,
             "augment": augment,
+            "full_recipe": full,
+            "recipe_hash": recipe_hash(full),  # workflow/scripts/train_model.py reuses a cache on this only
             "smoke": bool(limit or test_limit),
             "train_seconds": round(train_seconds, 1),
             "train_cpu_seconds": round(cpu_seconds, 1),  # all threads; wall time depends on machine load
@@ -240,7 +279,7 @@ def ensure_trained(name: str, out: Optional[os.PathLike] = None, **train_kw: Any
     return d
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m rex.train", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help=f"one of {', '.join(sorted(RECIPES))}")
     ap.add_argument("--epochs", type=int, default=None)
@@ -257,10 +296,27 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-each-epoch", action="store_true")
     ap.add_argument("--smoke", action="store_true",
                     help=f"tiny run for tests ({SMOKE}); never use its checkpoint for results")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _size_args(args: argparse.Namespace) -> dict:
     kw = dict(epochs=args.epochs, limit=args.limit, test_limit=args.test_limit)
     if args.smoke:
         kw = {k: (v if v is not None else SMOKE[k]) for k, v in kw.items()}
+    return kw
+
+
+def recipe_of_argv(argv: list) -> dict:
+    """The full recipe (see `full_recipe`) that `python -m rex.train <argv>` would train; argparse errors exit 2."""
+    args = build_parser().parse_args(argv)
+    return full_recipe(args.model, seed=args.seed, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       weight_decay=args.weight_decay, threads=args.threads, augment=not args.no_augment,
+                       **_size_args(args))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    kw = _size_args(args)
     try:
         train(args.model, seed=args.seed, out=args.out, batch_size=args.batch_size, lr=args.lr,
               optimizer=args.optimizer, weight_decay=args.weight_decay, threads=args.threads,

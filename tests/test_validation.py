@@ -485,7 +485,12 @@ APPENDED_KEY_CASES = {  # keys Hydra lets through (appended with +) and run / ev
 }
 
 
-def run_job(bad, tmp_path, extra: list, subprocess_: bool = False) -> tuple[Path, dict]:
+# Missing / corrupt data and checkpoint files are faults of the environment: the job exits 75 without `done`
+# (the next run retries it); every other bad input is the configuration's and stays the row's result.
+ENV_FAULTS = {"DatasetError": 75, "CheckpointError": 75}
+
+
+def run_job(bad, tmp_path, extra: list, subprocess_: bool = False, expect_rc: int = 0) -> tuple[Path, dict]:
     out = tmp_path / "runs" / "classification" / MODEL / "method=rex,w=4,a=8,K=2"
     extra = [x.format(**{k: v for k, v in bad.items()}) for x in extra]
     groups = {x.split("=", 1)[0] for x in extra if "=" in x and "." not in x.split("=", 1)[0]}
@@ -496,12 +501,12 @@ def run_job(bad, tmp_path, extra: list, subprocess_: bool = False) -> tuple[Path
     if subprocess_:
         r = subprocess.run([sys.executable, "-m", "rex.pipeline.job", *argv], cwd=ROOT, capture_output=True,
                            text=True, timeout=300, env={**os.environ})
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == expect_rc, r.stderr[-3000:]
     else:
         from rex.pipeline.job import main
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert main(argv) == 0
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert main(argv) == expect_rc
     name = "FAILED.json" if (out / "FAILED.json").exists() else "metrics.json"
     return out, json.loads((out / name).read_text())
 
@@ -509,7 +514,10 @@ def run_job(bad, tmp_path, extra: list, subprocess_: bool = False) -> tuple[Path
 def assert_failed_record(out: Path, rec: dict, etype: str, needles: tuple) -> None:
     assert rec["status"] == "failed", f"expected a FAILED record, got status {rec['status']}"
     assert not (out / "metrics.json").exists(), "a failed job must not leave metrics.json"
-    assert (out / "done").read_text() == "failed\n"
+    if etype in ENV_FAULTS:
+        assert not (out / "done").exists() and rec["kind"] == "environment" and rec["retry"] is True
+    else:
+        assert (out / "done").read_text() == "failed\n" and rec["kind"] == "config" and rec["retry"] is False
     assert rec["error"]["type"] == etype, rec["error"]
     for n in needles:
         assert n in rec["error"]["message"], rec["error"]["message"]
@@ -523,22 +531,23 @@ def assert_failed_record(out: Path, rec: dict, etype: str, needles: tuple) -> No
 @pytest.mark.parametrize("case", list(JOB_CASES))
 def test_job_bad_input(bad, tmp_path, case):
     extra, etype, needles = JOB_CASES[case]
-    out, rec = run_job(bad, tmp_path, extra)
+    out, rec = run_job(bad, tmp_path, extra, expect_rc=ENV_FAULTS.get(etype, 0))
     assert_failed_record(out, rec, etype, needles)
 
 
 @pytest.mark.parametrize("case", list(APPENDED_KEY_CASES))
 def test_job_bad_input_appended_keys(bad, tmp_path, case):
     extra, etype, needles = APPENDED_KEY_CASES[case]
-    out, rec = run_job(bad, tmp_path, extra)
+    out, rec = run_job(bad, tmp_path, extra, expect_rc=ENV_FAULTS.get(etype, 0))
     assert_failed_record(out, rec, etype, needles)
 
 
 @pytest.mark.parametrize("case", ["unknown top-level key", "truncated checkpoint"])
 def test_job_bad_input_subprocess(bad, tmp_path, case):
-    """The real entry point: exit 0 (the table shows the failure), FAILED.json with the message, no metrics.json."""
+    """The real entry point: exit 0 (the table shows the failure) for a configuration failure, 75 (retried)
+    for a corrupt checkpoint; FAILED.json with the message, no metrics.json."""
     extra, etype, needles = JOB_CASES[case]
-    out, rec = run_job(bad, tmp_path, extra, subprocess_=True)
+    out, rec = run_job(bad, tmp_path, extra, subprocess_=True, expect_rc=ENV_FAULTS.get(etype, 0))
     assert_failed_record(out, rec, etype, needles)
 
 

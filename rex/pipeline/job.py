@@ -13,8 +13,16 @@ The config is composed from ``conf/`` with Hydra's Compose API (``initialize_con
 - ``done``         written last
 
 Everything is written into ``.<name>.tmp-<pid>/`` beside the target and renamed into place in one step, so a
-killed job never leaves a complete-looking folder. A failed job still exits 0 (the table shows the failure);
-only a failure to write the folder itself exits non-zero. Afterwards the folder is logged to MLflow (best
+killed job never leaves a complete-looking folder. Failures are of two kinds (``FAILED.json`` ``kind``):
+
+- ``config``: the configuration itself cannot run (unknown name, out-of-range value, contradiction, NaN
+  weights): ``FAILED.json`` + ``done``, exit 0 -- the failure is the row's result and the table shows it;
+- ``environment`` (missing or corrupt data or checkpoint file, out of memory, OS / disk error) or
+  ``unexpected`` (any other exception): no ``done``, exit ``EXIT_RETRY`` (75), so Snakemake reports the job as
+  failed and the next run retries it.
+
+A failure never replaces a previous good ``metrics.json``: that folder is kept, ``FAILED.json`` is written beside
+it (``previous_result_kept: true``), its ``done`` removed, and the job is retried by the next run. Afterwards the folder is logged to MLflow (best
 effort: an MLflow problem is reported on stderr and never fails the job) unless ``--no-mlflow``: the Snakemake
 pipeline passes ``--no-mlflow`` and logs each folder in its own rule (``mlflow_log``).
 """
@@ -40,6 +48,9 @@ RECORD_OK = "metrics.json"
 RECORD_FAILED = "FAILED.json"
 DONE = "done"
 CONFIG = "config.yaml"
+# Exit status of a failure the next run retries (EX_TEMPFAIL); a configuration failure exits 0.
+EXIT_RETRY = 75
+CONFIG_FAILURE = "config"
 # Not part of the configuration identity (how a job runs, not what it computes).
 UNHASHED = ("run",)
 VERSIONED = ("torch", "torchvision", "numpy", "rex-quant", "hydra-core", "omegaconf", "mlflow", "snakemake",
@@ -267,6 +278,34 @@ def evaluate_job(cfg_dict: dict, spec) -> dict:
     raise ConfigError(f"unknown task {task!r}")
 
 
+def failure_kind(exc: BaseException) -> str:
+    """'config' (the configuration cannot run: recorded as the row's result), 'environment' (missing / corrupt
+    data or checkpoint file, out of memory, OS or disk error: retried) or 'unexpected' (retried too: a crash that
+    is not known to be the configuration's fault must not become a permanent result)."""
+    from ..errors import CheckpointError, DatasetError, RexError
+
+    if any(c.__module__.split(".")[0] in ("hydra", "omegaconf") for c in type(exc).__mro__):
+        # Hydra could not compose the overrides (unknown group option, key, bad value); checked first because
+        # hydra's MissingConfigException is an OSError
+        return CONFIG_FAILURE
+    if isinstance(exc, (DatasetError, CheckpointError, MemoryError, OSError)):
+        return "environment"
+    text = str(exc).lower()
+    if isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                          or "not enough memory" in text):
+        return "environment"  # torch's allocator failures
+    if isinstance(exc, RexError):
+        return CONFIG_FAILURE
+    return "unexpected"
+
+
+def _good_result(out: Path) -> bool:
+    try:
+        return json.loads((out / RECORD_OK).read_text()).get("status") == "ok"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
@@ -339,6 +378,7 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
         tb = traceback.format_exc().rstrip().splitlines()
         record = {"status": "failed", **identity(cfg_dict, out),
                   "config_hash": config_hash(cfg_dict) if cfg_dict else None, "overrides": list(overrides),
+                  "kind": failure_kind(exc),
                   "error": {"type": type(exc).__name__, "message": str(exc)[:2000], "traceback_tail": tb[-25:]}}
         name = RECORD_FAILED
     record["wall_seconds"] = round(time.perf_counter() - t0, 3)
@@ -349,8 +389,19 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
     record["host"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start))
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    failed = record["status"] != "ok"
+    keep = failed and _good_result(out)
+    if failed:
+        record["previous_result_kept"] = keep
+        record["retry"] = keep or record["kind"] != CONFIG_FAILURE
     _write_json(tmp / name, record)
-    (tmp / DONE).write_text(f"{record['status']}\n")
+    if keep:  # never replace a good result: record the failure beside it, and let the next run retry
+        os.replace(tmp / name, out / name)
+        (out / DONE).unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return record
+    if not record.get("retry"):
+        (tmp / DONE).write_text(f"{record['status']}\n")
     publish(tmp, out)
     return record
 
@@ -372,10 +423,16 @@ def main(argv=None) -> int:
     status = record["status"]
     msg = f"{out}: {status}"
     if status == "failed":
-        msg += f" ({record['error']['type']}: {record['error']['message'][:300]})"
+        msg += f" ({record['kind']}, {record['error']['type']}: {record['error']['message'][:300]})"
+        if record["retry"]:
+            msg += ("; not final: no `done`, the next run retries this job"
+                    + ("; the previous good metrics.json is kept" if record["previous_result_kept"] else ""))
     else:
         msg += " " + ", ".join(f"{k}={v}" for k, v in record.get("metrics", {}).items())
     print(msg, flush=True)
+    if record.get("retry"):
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_RETRY
     if not a.no_mlflow:
         try:
             from . import tracking

@@ -26,7 +26,25 @@ CHECKS = list(config.get("checks") or [])  # accuracy floors of the grid (rule c
 
 # Jobs run `python` from the interpreter's folder that runs Snakemake (the project's .venv), or from `python:`.
 _PYBIN = os.path.dirname(config.get("python") or sys.executable)
-shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(_PYBIN)}:\"$PATH\"; ")
+
+
+def _lifeline():
+    """Every rule's command is one `python ...`, started through this: `exec` makes it Snakemake's direct child
+    (no shell in between), and setpriv's parent-death signal (Linux prctl PR_SET_PDEATHSIG) kills it when
+    Snakemake dies, even by SIGKILL: no orphaned job keeps running or writing after a crash."""
+    import shutil
+    import subprocess
+
+    if shutil.which("setpriv"):
+        try:
+            if subprocess.run(["setpriv", "--pdeathsig", "KILL", "true"], timeout=10).returncode == 0:
+                return "exec setpriv --pdeathsig KILL "
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "exec "  # no setpriv (not Linux): the job still replaces the shell
+
+
+shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(_PYBIN)}:\"$PATH\"; {_lifeline()}")
 
 
 # A job folder is <label> = method=..,w=..,a=..,K=..[,budget=..[,alloc=..]] (QuantSpec.label()). The job rules

@@ -20,7 +20,7 @@ rule table:
         runtime=5,
     shell:
         "python -m rex.pipeline.report table --summary {input.summary:q} --jobs {input.jobs:q} "
-        "--task {wildcards.task} --model {wildcards.model} --out-prefix {params.prefix:q} > {log:q} 2>&1"
+        "--task {wildcards.task:q} --model {wildcards.model:q} --out-prefix {params.prefix:q} > {log:q} 2>&1"
 
 
 rule plot:
@@ -38,7 +38,7 @@ rule plot:
         runtime=5,
     shell:
         "python -m rex.pipeline.report plot --summary {input.summary:q} --jobs {input.jobs:q} "
-        "--task {wildcards.task} --model {wildcards.model} --out {output:q} > {log:q} 2>&1"
+        "--task {wildcards.task:q} --model {wildcards.model:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule report:

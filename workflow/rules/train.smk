@@ -14,7 +14,8 @@ rule train_model:
         f"{R}/logs/train/{{model}}.log",
     params:
         out=lambda wildcards, output: os.path.dirname(output.checkpoint),
-        args=lambda wildcards: " ".join(TRAIN[wildcards.model]["args"]),
+        # every value shell-quoted: a grid value such as "0.05;touch x" reaches rex.train verbatim (and is refused there)
+        args=lambda wildcards: grid.quote_overrides(TRAIN[wildcards.model]["args"]),
         reuse="--reuse-cache" if config.get("reuse_cached_models", True) else "",
     wildcard_constraints:
         model="|".join(TRAIN) or "no-model-is-trained-here",
@@ -25,5 +26,5 @@ rule train_model:
         runtime=180,
         cpus_per_task=lambda wildcards, threads: threads,
     shell:
-        "python workflow/scripts/train_model.py --model {wildcards.model} --out {params.out:q} "
+        "python workflow/scripts/train_model.py --model {wildcards.model:q} --out {params.out:q} "
         "--threads {threads} {params.reuse} -- {params.args} > {log:q} 2>&1"

@@ -3,54 +3,68 @@
     python workflow/scripts/train_model.py --model resnet20_fmnist --out results/models/resnet20_fmnist \
         --threads 2 [--reuse-cache] -- [python -m rex.train arguments, e.g. --epochs 1]
 
-Runs ``python -m rex.train --model M --out OUT --threads T <args>``. With ``--reuse-cache``, a checkpoint in
-``rex.paths.cache_root()/models/<model>/`` made with the same recipe (model, epochs, seed, training-set size,
-test-set size, augmentation; its sha256 checked against its metrics.json) is copied instead of retraining:
-training is deterministic for a recipe, so the copy is the checkpoint training would write, minus the wait.
+Runs ``python -m rex.train --model M --out OUT --threads T <args>`` in this process (so that the job is one
+process, Snakemake's direct child, and dies with it). With ``--reuse-cache``, a checkpoint in
+``rex.paths.cache_root()/models/<model>/`` is copied instead of retraining only if it was trained with the same
+FULL recipe (``rex.train.full_recipe``: every training argument resolved -- epochs, batch size, learning rate,
+optimizer, weight decay, warm-up, seed, training/test-set sizes, augmentation, threads, training-code version
+-- compared by its sha256 ``recipe_hash``) and its sha256 matches its metrics.json: training is deterministic
+for a full recipe, so the copy is the checkpoint training would write, minus the wait.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import shlex
 import sys
 from pathlib import Path
 
 from rex.io import atomic_copy  # standard library only: `--help` and argument errors need no torch
 
 
-def requested(model: str, train_args: list) -> dict:
-    """The recipe `python -m rex.train` would use for these arguments."""
-    from rex.train import RECIPES, SMOKE
+def requested(model: str, threads: int, train_args: list):
+    """The full recipe `python -m rex.train` would train for these arguments (None if they do not parse: then
+    training runs and reports the error)."""
+    import contextlib
+    import io
 
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int)
-    p.add_argument("--test-limit", type=int)
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--no-augment", action="store_true")
-    a, unknown = p.parse_known_args(train_args)
-    if unknown:  # other recipe knobs (lr, batch size, ...): do not try to match, train
-        return {}
-    limit, test_limit, epochs = a.limit, a.test_limit, a.epochs
-    if a.smoke:
-        limit = limit or SMOKE["limit"]
-        test_limit = test_limit or SMOKE["test_limit"]
-        epochs = epochs or SMOKE["epochs"]
-    return {"model": model, "epochs": epochs or RECIPES[model]["epochs"], "seed": a.seed,
-            "n_train": limit or 60000, "n_test": test_limit or 10000, "augment": not a.no_augment}
+    from rex.train import recipe_of_argv
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # training repeats argparse's message
+            return recipe_of_argv(["--model", model, "--threads", str(threads), *train_args])
+    except SystemExit:
+        return None
 
 
-def cached_match(model: str, want: dict):
+def recorded_recipe(model: str, m: dict):
+    """The full recipe a cached checkpoint was trained with: its recorded `full_recipe`, or, for checkpoints
+    written before it was recorded, rebuilt from the fields every metrics.json holds."""
+    from rex.train import RECIPES, full_recipe
+
+    if m.get("full_recipe"):
+        return m["full_recipe"]
+    try:
+        r = m["recipe"]
+        return full_recipe(model, seed=m["seed"], limit=m["n_train"], test_limit=m["n_test"], augment=m["augment"],
+                           threads=m["threads"], **{k: r[k] for k in RECIPES[model]})
+    except (KeyError, TypeError):
+        return None
+
+
+def cached_match(model: str, want):
     from rex.models import checkpoint_dir, checkpoint_ok
+    from rex.train import recipe_hash
 
     d = checkpoint_dir(model)
     if not want or not checkpoint_ok(model, d):
         return None
-    m = json.loads((d / "metrics.json").read_text())
-    have = {k: m.get(k) for k in want}
-    return d if have == want else None
+    have = recorded_recipe(model, json.loads((d / "metrics.json").read_text()))
+    if have is None or recipe_hash(have) != recipe_hash(want):
+        diff = sorted(k for k in want if (have or {}).get(k) != want[k])
+        print(f"not reusing the cached checkpoint {d}: trained with another recipe (differs in {', '.join(diff)})")
+        return None
+    return d
 
 
 def main(argv=None) -> int:
@@ -68,17 +82,18 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.reuse_cache:
-        src = cached_match(a.model, requested(a.model, extra))
+        src = cached_match(a.model, requested(a.model, a.threads, extra))
         if src is not None:
             # metrics.json first, model.pt last: model.pt is the rule's main output
             atomic_copy(src / "metrics.json", out / "metrics.json")
             atomic_copy(src / "model.pt", out / "model.pt")
-            print(f"reused the identical cached checkpoint {src} (same recipe, sha256 verified)")
+            print(f"reused the cached checkpoint {src} (same full recipe, sha256 verified)")
             return 0
-    cmd = [sys.executable, "-m", "rex.train", "--model", a.model, "--out", str(out), "--threads", str(a.threads),
-           *extra]
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    from rex.train import main as train_main
+
+    args = ["--model", a.model, "--out", str(out), "--threads", str(a.threads), *extra]
+    print("+ python -m rex.train", shlex.join(args), flush=True)
+    return train_main(args)
 
 
 if __name__ == "__main__":
