@@ -95,6 +95,7 @@ def test_no_grid_value_reaches_a_shell_unquoted(tmp_path):
         coco_root=p["quote"],
         cityscapes_root=p["dquote"],
     )
+    cfg["checks"] = []  # the smoke grid's accuracy floors name jobs this grid does not have
     cfg["models"] = [
         {"model": MODEL, "dataset": "fashion_mnist", "limit": 50, "train_args": train_args},
         {"model": "mobilenet_v2", "dataset": "imagenet_val", "limit": 4, "fp32": False,
@@ -338,7 +339,13 @@ def test_corrupt_data_run_fix_rerun_computes_the_jobs(tmp_path):
     fm = _fm_copy(tmp_path / "fm")
     results = tmp_path / "results"
     env = {"REX_FMNIST_ROOT": str(fm), "REX_CACHE": str(tmp_path / "cache")}
-    base = ["--cores", "1", "--configfile", str(ROOT / "conf/grid/smoke.yaml"), "--config", f"results_dir={results}"]
+    cfg = yaml.safe_load((ROOT / "conf/grid/smoke.yaml").read_text())  # its settings, on a net trained here
+    cfg["checks"] = []
+    cfg["models"] = [{"model": MODEL, "dataset": "fashion_mnist", "limit": 500,
+                      "train_args": ["--smoke", "--batch-size", "32", "--lr", "0.05"]}]
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(cfg))
+    base = ["--cores", "1", "--configfile", str(grid_file), "--config", f"results_dir={results}"]
     ckpt = results / "models" / MODEL / "model.pt"
     r = _snakemake([*base, "--", str(ckpt)], env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -411,7 +418,7 @@ def test_interrupted_run_resumes_with_the_same_command(tmp_path, random_weights)
     shutil.copy(random_weights, models / "model.pt")  # the trained model is there: no training in this test
     (models / "metrics.json").write_text("{}")
     cfg = yaml.safe_load((ROOT / "conf/grid/smoke.yaml").read_text())
-    cfg.update(name="interrupt", results_dir=str(results))
+    cfg.update(name="interrupt", results_dir=str(results), checks=[])
     cfg["models"] = [{"model": MODEL, "dataset": "fashion_mnist", "limit": 20}]
     cfg["methods"] = [{"method": "rtn", "bits": [[8, 8]]}]
     grid_file = tmp_path / "grid.yaml"
