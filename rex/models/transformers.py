@@ -22,6 +22,7 @@ The tokenizer of a bundle: `load_tokenizer(bundle)` (from `entry.extra["tokenize
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import threading
@@ -218,7 +219,7 @@ def build_smollm2(entry, weights: Optional[PathLike] = None, cache: bool = True,
         tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=wfile.name, local_files_only=True)
         tmp = cdir.with_name(cdir.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(tmp))
+        _save_float(model, tmp)
         tok.save_pretrained(str(tmp))
         try:
             tmp.rename(cdir)  # atomic: a concurrent builder that won the race keeps its copy
@@ -228,6 +229,18 @@ def build_smollm2(entry, weights: Optional[PathLike] = None, cache: bool = True,
             shutil.rmtree(tmp, ignore_errors=True)
         _TOKENIZERS[str(cdir)] = tok
         return model, replace(entry, weights_file=str(wfile), sha256=actual, extra=extra)
+
+
+def _save_float(model: nn.Module, folder: Path) -> None:
+    """config.json (without the GGUF quantization marker) + model.safetensors (tied tensors stored once).
+    `save_pretrained` refuses a GGUF-loaded model ("quantized with gguf and is not serializable")."""
+    from safetensors.torch import save_model
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(str(folder))
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _float32(model: nn.Module) -> nn.Module:
