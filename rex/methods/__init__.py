@@ -13,7 +13,7 @@ from ..errors import UnknownNameError
 MethodFn = Callable[..., "object"]
 _REGISTRY: dict[str, MethodFn] = {}
 _DOCS: dict[str, str] = {}
-_BUILTIN = ("rex_method", "baselines")
+_BUILTIN = ("rex_method", "baselines", "hqq")
 _loaded = False
 
 
