@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import ConfigError
 from .classification import _num_threads
 
-__all__ = ["evaluate_sts", "evaluate_perplexity", "spearman", "rankdata", "mean_pool", "embed"]
+__all__ = ["evaluate_sts", "evaluate_perplexity", "evaluate_text", "spearman", "rankdata", "mean_pool", "embed"]
 
 
 def _tokenizer(tokenizer: Any):
@@ -171,3 +171,15 @@ def evaluate_perplexity(model: nn.Module, dataset: Any, tokenizer: Any = None, w
     return dict(metric="perplexity", perplexity=math.exp(mean) if mean < 700 else float("inf"), nll=mean,
                 n=int(ids.shape[0]), n_tokens=count, tokens=int(ids.numel()), window=int(ids.shape[1]),
                 seconds=time.perf_counter() - t0)
+
+
+def evaluate_text(model: nn.Module, dataset: Any, tokenizer: Any, task: str, threads: Optional[int] = None) -> dict:
+    """The task's evaluator: "text_similarity" -> evaluate_sts, "language_modeling" -> evaluate_perplexity.
+    The result has `value` (Spearman x100 or perplexity) and `higher_is_better` added."""
+    if task == "text_similarity":
+        r = evaluate_sts(model, dataset, tokenizer, threads=threads)
+        return dict(r, value=r["spearman"], higher_is_better=True)
+    if task == "language_modeling":
+        r = evaluate_perplexity(model, dataset, tokenizer, threads=threads)
+        return dict(r, value=r["perplexity"], higher_is_better=False)
+    raise ConfigError(f"no text evaluator for task {task!r}; text tasks: text_similarity, language_modeling")

@@ -36,7 +36,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, RexError
+from ..spec import register_method_options
 from . import register_method
+
+register_method_options("hqq", {"group_size"})  # QuantSpec then rejects a misspelt option
 
 HQQ_VERSION = "0.2.8.post1"
 META_BITS = 16  # HQQ keeps each scale and zero point as a 16-bit float (compute dtype float16 by default)
@@ -102,9 +105,6 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
                           "stay float")
     if spec.order != 1 or spec.budget is not None:
         raise ConfigError(f"hqq is an order-1 baseline (got order={spec.order}, budget={spec.budget})")
-    unknown = set(spec.options) - {"group_size"}
-    if unknown:
-        raise ConfigError(f"method 'hqq' has no option {sorted(unknown)[0]!r}; its options: group_size")
     group_size = spec.options.get("group_size")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
                                    or group_size < 8 or group_size % 8):

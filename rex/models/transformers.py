@@ -271,3 +271,19 @@ def example_inputs(tokenizer, task: str, batch: int = 1, length: int = 16) -> di
 
 def count_linears(model: nn.Module) -> int:
     return sum(isinstance(m, nn.Linear) for m in model.modules())
+
+
+def quantize_text_model(bundle: Any, spec: Any) -> nn.Module:
+    """`rex.quantize` on a text bundle (`get_model("minilm_l6")`), with the dict of model inputs that the
+    engine traces (token ids of a fixed sentence: `example_inputs`; their values set no range). Today's
+    engine needs an example input to trace the execution order (first/last roles), even weight-only."""
+    from ..api import quantize
+
+    tok = load_tokenizer(bundle)
+    return quantize(bundle.model, spec, example_input=example_inputs(tok, bundle.entry.task))
+
+
+def weight_linears(model: nn.Module) -> Dict[str, nn.Linear]:
+    """Every `nn.Linear` of a model by name (the layers the text rows quantize: attention projections, MLP,
+    BERT's pooler, the LM head)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
