@@ -39,6 +39,7 @@ METHOD_OPTIONS: dict[str, frozenset] = {
     "rex_squant": frozenset({"squant_stages"}),
     "ocs": frozenset({"expand_ratio"}),
     "zeroq": frozenset({"zeroq_batch", "zeroq_steps", "zeroq_lr", "zeroq_percentile"}),
+    "hqq": frozenset({"group_size"}),
 }
 
 

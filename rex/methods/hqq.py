@@ -36,10 +36,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, RexError
-from ..spec import register_method_options
 from . import register_method
 
-register_method_options("hqq", {"group_size"})  # QuantSpec then rejects a misspelt option
+# its one option, group_size, is declared in rex.spec.METHOD_OPTIONS (QuantSpec rejects a misspelt one)
 
 HQQ_VERSION = "0.2.8.post1"
 META_BITS = 16  # HQQ keeps each scale and zero point as a 16-bit float (compute dtype float16 by default)

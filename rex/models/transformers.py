@@ -27,7 +27,7 @@ import importlib.util
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -273,14 +273,39 @@ def count_linears(model: nn.Module) -> int:
     return sum(isinstance(m, nn.Linear) for m in model.modules())
 
 
-def quantize_text_model(bundle: Any, spec: Any) -> nn.Module:
+def tied_linears(model: nn.Module) -> Dict[str, str]:
+    """{linear name: embedding name} for each nn.Linear whose weight *is* an nn.Embedding's (an LM head tied
+    to the input embedding, as in SmolLM2)."""
+    emb = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    return {n: emb[id(m.weight)] for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and id(m.weight) in emb}
+
+
+def quantize_text_model(bundle: Any, spec: Any, tied_head: str = "float") -> nn.Module:
     """`rex.quantize` on a text bundle (`get_model("minilm_l6")`), with the dict of model inputs that the
     engine traces (token ids of a fixed sentence: `example_inputs`; their values set no range). Today's
-    engine needs an example input to trace the execution order (first/last roles), even weight-only."""
-    from ..api import quantize
+    engine needs an example input to trace the execution order (first/last roles), even weight-only.
 
+    `tied_head`: "float" (default) keeps an LM head whose matrix is the input embedding in float, tied to
+    the (float) embedding: one stored copy of the matrix, as the embedding itself is never quantized; this
+    is the setting of ../shared/data/README.md's SmolLM2 figures (W4 RTN 60.99). "quantize" lets the
+    method quantize it like any nn.Linear (spec.first_last decides its bits): a second, quantized copy."""
+    from ..api import quantize
+    from ..transforms import get_module, set_module
+
+    if tied_head not in ("float", "quantize"):
+        raise ConfigError(f"tied_head must be 'float' or 'quantize', got {tied_head!r}")
     tok = load_tokenizer(bundle)
-    return quantize(bundle.model, spec, example_input=example_inputs(tok, bundle.entry.task))
+    q = quantize(bundle.model, spec, example_input=example_inputs(tok, bundle.entry.task))
+    if tied_head == "float":
+        for head_name, emb_name in tied_linears(bundle.model).items():
+            head = copy.deepcopy(get_module(bundle.model, head_name))
+            head.weight = get_module(q, emb_name).weight  # tied again, to the copy's float embedding
+            set_module(q, head_name, head)
+            info = getattr(q, "rex_info", None)
+            if info is not None:
+                info.notes.append(f"{head_name}: tied to {emb_name}, kept float (tied_head='float')")
+    return q
 
 
 def weight_linears(model: nn.Module) -> Dict[str, nn.Linear]:
