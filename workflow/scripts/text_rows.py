@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--first-last", default="same", choices=("same", "8bit", "fp"))
     ap.add_argument("--tied-head", default="float", choices=("float", "quantize"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out (same model) and run only the missing ones")
     args = ap.parse_args(argv)
 
     import torch
@@ -116,7 +118,17 @@ def main(argv=None) -> int:
     total = len(weight_linears(bundle.model))
     rows, fp32_value = [], None
     out = Path(args.out)
-    for text in args.rows or DEFAULT_ROWS[args.model]:
+    wanted = args.rows or DEFAULT_ROWS[args.model]
+    if args.resume and out.is_file():
+        with out.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["model"] == args.model and r["row"] in wanted]
+        fp32_value = next((float(r["value"]) for r in rows if r["method"] == "fp32"), None)
+        if fp32_value is None and "fp32" in wanted:  # the float row first: the others' delta needs it
+            wanted = ["fp32"] + [w for w in wanted if w != "fp32"]
+    done = {r["row"] for r in rows}
+    for text in wanted:
+        if text in done:
+            continue
         r = parse_row(text)
         t0 = time.perf_counter()
         if r["method"] == "fp32":
