@@ -5,7 +5,8 @@
     rex.data.list_datasets()
 
 Entries: `imagenet_sample` (bundled 1000 images), `imagenet_val` (ImageNet val folder, root from
-`root=` or env REX_IMAGENET_ROOT), `fashion_mnist` (test split: 10,000 images; `split="train"`: 60,000).
+`root=` or env REX_IMAGENET_ROOT), `fashion_mnist` (test split: 10,000 images; `split="train"`: 60,000),
+`stsb_dev` and `wikitext2_test` (text, rex.data.text).
 Decoded tensors are cached under `rex.paths.cache_root()/datasets/` (see rex.data.cache).
 """
 from __future__ import annotations
@@ -83,6 +84,12 @@ def _register_builtin() -> None:
                      description="ImageNet-1k val folder val/<wnid>/*.JPEG (root= or env REX_IMAGENET_ROOT)")
     register_dataset("fashion_mnist", fashion_mnist.fashion_mnist, num_classes=10,
                      description="Fashion-MNIST IDX files (test: 10,000 images; split='train': 60,000)")
+    from . import text
+
+    register_dataset("stsb_dev", text.stsb_dev, task="text_similarity", default_split="dev",
+                     description="GLUE STS-B dev, 1,500 sentence pairs (limit = first N), data_root()/glue-stsb-dev")
+    register_dataset("wikitext2_test", text.wikitext2_test, task="language_modeling",
+                     description="WikiText-2 raw test (limit = token budget, default 2,048), data_root()/wikitext-2-raw")
 
 
 _register_builtin()

