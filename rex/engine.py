@@ -228,6 +228,8 @@ def quantize_model(
     unq = [p.name for p in plans if p.quantize and p.abits is None and spec.abits is not None]
     if unq:
         info.notes.append(f"inputs left in float (no data-free range): {', '.join(unq)}")
+    if spec.abits is not None and tr.unknown_note():
+        info.notes.append(tr.unknown_note())
     if spec.mode == "int":
         note = int32_note(layers)
         if note:

@@ -60,6 +60,8 @@ def _clip(n, ivs, value, sigma) -> Interval:
     hi = args[2] if len(args) > 2 else kwargs.get("max_val", kwargs.get("max", 1.0 if name == "hardtanh" else None))
     if name == "relu6":
         lo, hi = 0.0, 6.0
+    if any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in (lo, hi)):
+        return None  # element-wise bounds: no per-tensor interval from them
     if first is None:
         return (lo, hi) if lo is not None and hi is not None else None
     return (max(first[0], lo) if lo is not None else first[0], min(first[1], hi) if hi is not None else first[1])
@@ -157,6 +159,15 @@ class TraceResult:
     calls: dict[str, int] = field(default_factory=dict)
     unknown: dict[int, str] = field(default_factory=dict)  # graph node -> op without a range rule
 
+    def unknown_note(self) -> Optional[str]:
+        """'no range: softplus (2), erf (1)': the ops without a range rule (their outputs have no range)."""
+        if not self.unknown:
+            return None
+        counts: dict = {}
+        for op in self.unknown.values():
+            counts[op] = counts.get(op, 0) + 1
+        return "no range: " + ", ".join(f"{op} ({k})" for op, k in counts.items())
+
 
 def trace(
     model: nn.Module,
@@ -200,12 +211,9 @@ def ranges(graph: Graph, sigma: float = 6.0, input_range: Interval = None,
             rule = RANGE_RULES.get(n.op)
             r = None
             if rule is None:
-                res.unknown[n.idx] = n.op
-            else:
-                try:
-                    r = rule(n, [iv.get(id(x)) for x in n.ins], value, sigma)
-                except Exception:  # a range rule must never break a forward pass
-                    r = None
+                res.unknown[n.idx] = n.op  # recorded, shown as "no range: <op>" (rex_info.notes)
+            else:  # a rule that raises is a bug in the rule: it is not swallowed
+                r = rule(n, [iv.get(id(x)) for x in n.ins], value, sigma)
             for t in n.outputs:
                 iv[id(t)] = r
         elif n.kind == "layer_in":

@@ -81,3 +81,58 @@ def test_an_op_without_a_rule_is_an_explicit_unknown():
     assert not {"conv2d", "linear", "batch_norm", "hardtanh", "relu", "add", "mean"} & set(tr.unknown.values())
     df = dataflow_of(g)
     assert {n.op for n in df.nodes} >= {"conv2d", "batch_norm", "softplus", "linear"}
+
+
+# ------------------------------------------------------------------ no silent catch-alls (issue 12 item 6)
+
+
+def test_ops_without_a_rule_are_recorded_in_the_notes():
+    """The softplus branch: no range for the fc input and no bias correction for fc, both said in the notes."""
+    import rex
+
+    q = rex.quantize(_net(), method="dfq", wbits=4, abits=8, example_input=X, input_range=(-3.0, 3.0))
+    notes = q.rex_info.notes
+    assert "no range: softplus (1)" in notes
+    bias = [n for n in notes if n.startswith("no bias correction: ")]
+    # c1: the network input; fc: behind the softplus
+    assert bias == ["no bias correction: E[x] of the input unknown without data: c1, fc; moments lost at: softplus (1)"]
+    assert "fc" in q.rex_info.transforms["bias_correction"]["skipped"]
+
+
+def test_a_broken_rule_raises(monkeypatch):
+    """A rule that fails is a bug: it raises instead of turning into a float input or a skipped correction."""
+    import pytest
+
+    import rex
+    from rex import trace as trace_mod
+    from rex.transforms import bias_correction as bc
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("broken rule")
+
+    monkeypatch.setitem(trace_mod.RANGE_RULES, "hardtanh", broken)
+    with pytest.raises(ZeroDivisionError):
+        rex.quantize(_net(), method="rtn", example_input=X)
+    monkeypatch.undo()
+    monkeypatch.setitem(bc.MOMENT_RULES, "relu", broken)
+    with pytest.raises(ZeroDivisionError):
+        rex.quantize(_net(), method="dfq", example_input=X)
+
+
+def test_moments_with_mismatched_channels_are_an_explicit_unknown():
+    from rex.transforms.bias_correction import moment_rules
+
+    class Tokens(nn.Module):  # a Linear over the last dim of a 3-d tensor whose dim 1 carries the moments
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 6, 1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.c(x)).flatten(2))
+
+    net = Tokens().eval()
+    stats = {"c": (torch.zeros(6), torch.ones(6))}
+    r = moment_rules(net, torch.randn(1, 3, 2, 2), stats)
+    assert r.expected["fc"] is None
+    assert "linear fc: input moments for 6 channels, it reads 4" in r.unknown.values()

@@ -2,8 +2,8 @@
 and one typed config per method (the dataclass that ``spec.options`` is validated into, defaults in one place).
 
 Add a method: write ``rex/methods/<name>.py`` with a frozen ``MethodConfig`` subclass (its fields are the
-method's options) and a function decorated ``@register_method("<name>", doc, config=..., display=...)``, list the
-module in ``_BUILTIN`` below, and add ``conf/method/<name>.yaml`` for the pipeline.
+method's options) and a function decorated ``@register_method("<name>", doc, config=..., display=...)`` (every
+module of this package is loaded on the first lookup), and add ``conf/method/<name>.yaml`` for the pipeline.
 
 This module imports neither torch nor the engine: ``QuantSpec`` validates method names and options through it
 (the built-in method files, which import the engine, are loaded on the first lookup), so there is no import
@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..errors import ConfigError, UnknownNameError
 
 MethodFn = Callable[..., "object"]
-_BUILTIN = ("rex_method", "rtn", "dfq", "squant", "ocs", "zeroq", "hqq")
 _loaded = False
 
 
@@ -90,16 +90,14 @@ def register_method(name: str, doc: str = "", *, config: Optional[type] = NoOpti
 
 
 def _load_builtin() -> None:
+    """Import every module of this package (each registers its methods): a new method file needs no list."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for mod in _BUILTIN:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:  # optional module not written yet
-            if e.name != f"{__name__}.{mod}":
-                raise
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def method_names() -> list[str]:

@@ -65,6 +65,10 @@ def clipped_normal_moments(mu: torch.Tensor, var: torch.Tensor, lo: Optional[flo
     return mean.float(), out_var.float()
 
 
+def _in_channels(m: nn.Module) -> int:
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+
 class _MomentRules:
     """The moment rules (mean [C], var [C] or None per tensor), run over the calls of a recorded graph in
     execution order. ``expected``: E[x] of every Conv/Linear layer's input (first call)."""
@@ -81,10 +85,7 @@ class _MomentRules:
 
     def run(self, graph: Graph) -> "_MomentRules":
         for n in graph.calls():
-            try:
-                res = self.rule(n, n.args, n.kwargs, n.outputs[0])
-            except Exception:  # a moment rule must never break the pass
-                res = None
+            res = self.rule(n, n.args, n.kwargs, n.outputs[0])  # a rule that raises is a bug: not swallowed
             for t in n.outputs:
                 self.st[id(t)] = res
         return self
@@ -95,6 +96,10 @@ class _MomentRules:
         sx = self.get(x)
         if name in ("conv2d", "linear", "conv1d") and len(args) > 1:
             layer = n.layer
+            if layer is not None and sx is not None and sx[0].numel() != _in_channels(self.modules[layer]):
+                cin = _in_channels(self.modules[layer])
+                self.unknown[n.idx] = f"{name} {layer}: input moments for {sx[0].numel()} channels, it reads {cin}"
+                sx = None  # e.g. a Linear over the last dim of a tensor whose moments are along dim 1
             if layer is not None and layer not in self.expected:
                 self.expected[layer] = None if sx is None else sx[0]
             if layer is not None and layer in self.output_stats:
@@ -114,9 +119,15 @@ class _MomentRules:
             return None
         rule = MOMENT_RULES.get(name)
         if rule is None:
-            self.unknown[n.idx] = name
+            self.unknown[n.idx] = name  # recorded: the moments are lost downstream of it
             return None
         return rule(self, n, args, kwargs, x, sx, out)
+
+    def unknown_note(self) -> str:
+        counts: dict = {}
+        for why in self.unknown.values():
+            counts[why] = counts.get(why, 0) + 1
+        return ", ".join(f"{why} ({k})" for why, k in counts.items())
 
 
 def _relu(r, n, args, kwargs, x, sx, out) -> Stat:
@@ -148,8 +159,19 @@ def _add(r, n, args, kwargs, x, sx, out) -> Stat:
         if isinstance(b, (int, float)):
             return mean + b, var
         return None
+    if not _broadcastable(mean, sb[0]):
+        r.unknown[n.idx] = f"{n.op}: moments for {mean.numel()} and {sb[0].numel()} channels"
+        return None
     v = None if var is None or sb[1] is None else var + sb[1]
     return mean + sb[0], v
+
+
+def _broadcastable(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _mul(r, n, args, kwargs, x, sx, out) -> Stat:
@@ -166,6 +188,9 @@ def _keep(r, n, args, kwargs, x, sx, out) -> Stat:
 def _mean(r, n, args, kwargs, x, sx, out) -> Stat:
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
     nd = x.dim()
+    if not all(isinstance(d, int) for d in ([dim] if isinstance(dim, int) else list(dim or []))):
+        r.unknown[n.idx] = f"mean over named dims {dim!r}"
+        return None
     dims = {d % nd for d in ([dim] if isinstance(dim, int) else list(dim or []))}
     if dims and 0 not in dims and 1 not in dims:
         return sx
@@ -186,6 +211,9 @@ def _flatten(r, n, args, kwargs, x, sx, out) -> Stat:
 def _cat(r, n, args, kwargs, x, sx, out) -> Stat:
     ts = args[0]
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if not isinstance(dim, int):
+        r.unknown[n.idx] = f"{n.op} along named dim {dim!r}"
+        return None
     if dim % ts[0].dim() != 1:
         return None
     ss = [r.get(t) for t in ts]
@@ -213,8 +241,14 @@ def expected_inputs(model: nn.Module, example_input=None, output_stats: Optional
                     graph: Optional[Graph] = None) -> dict[str, Optional[torch.Tensor]]:
     """E[x] per input channel of every Conv2d/Linear (None where it cannot be derived without data), by the
     moment rules over ``graph`` (a recording of ``model``) or a new recording on ``example_input``."""
+    return moment_rules(model, example_input, output_stats, graph).expected
+
+
+def moment_rules(model: nn.Module, example_input=None, output_stats: Optional[dict] = None,
+                 graph: Optional[Graph] = None) -> _MomentRules:
+    """The moment rules run over the graph: ``.expected`` (E[x] per layer) and ``.unknown`` (where they stop)."""
     g = graph if graph is not None else record(model, example_input)
-    return _MomentRules(g, output_stats or {}).run(g).expected
+    return _MomentRules(g, output_stats or {}).run(g)
 
 
 def bias_shift(layer: nn.Module, delta_w: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
@@ -254,8 +288,36 @@ class BiasCorrection(Transform):
     def apply(self, model: nn.Module, ctx: Context) -> dict:
         self.weights = {n: mod.weight.detach().clone() for n, mod in model.named_modules()
                         if isinstance(mod, (nn.Conv2d, nn.Linear))}
-        self.expected = expected_inputs(model, output_stats=ctx.stats, graph=ctx.graph(model))
+        self.moments = moment_rules(model, output_stats=ctx.stats, graph=ctx.graph(model))
+        self.expected = self.moments.expected
         return {}
 
     def after_quantize(self, qmodel: nn.Module, ctx: Context) -> dict:
-        return dict(corrected=correct_biases(qmodel, self.weights, self.expected))
+        done = correct_biases(qmodel, self.weights, self.expected)
+        skipped = not_corrected(qmodel, self.weights, self.expected)
+        if skipped:  # shown in the job's details: which layers kept their bias, and why
+            by_why: dict = {}
+            for k, why in skipped.items():
+                by_why.setdefault(why, []).append(k)
+            lost = self.moments.unknown_note()
+            qmodel.rex_info.notes.append(
+                "no bias correction: " + "; ".join(f"{why}: {', '.join(ks)}" for why, ks in by_why.items())
+                + (f"; moments lost at: {lost}" if lost else ""))
+        return dict(corrected=done, skipped=skipped)
+
+
+def not_corrected(qmodel: nn.Module, float_weights: dict, expected: dict) -> dict[str, str]:
+    """The quantized layers ``correct_biases`` leaves alone, with the reason."""
+    from ..nn.layers import QuantLayer
+
+    out = {}
+    for name, m in qmodel.named_modules():
+        if not isinstance(m, QuantLayer):
+            continue
+        if name not in float_weights:
+            out[name] = f"{type(m.inner).__name__}, not a Conv2d/Linear"
+        elif name not in expected:
+            out[name] = "not reached by the recorded pass"
+        elif expected[name] is None:
+            out[name] = "E[x] of the input unknown without data"
+    return out
