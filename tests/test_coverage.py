@@ -68,6 +68,7 @@ def test_table_rows_show_float_inputs(tmp_path):
     summary, jobs = tmp_path / "summary.csv", tmp_path / "jobs.csv"
     aggregate(dirs, summary, jobs)
     assert "abc123" in jobs.read_text()  # every row stamped with the commit that computed it
+    assert "act_points" in jobs.read_text().splitlines()[0]  # where activations are (not) quantized, per row
     write_tables(summary, jobs, "classification", "toy", tmp_path / "t")
     md = (tmp_path / "t.md").read_text()
     assert "| Float in |" in md and "| 66/85 |" in md and "layer inputs left float" in md

@@ -27,7 +27,8 @@ SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget
 JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "label", "method", "base_method",
                "allocation", "wbits", "abits", "order", "budget", "status", "bops", "plain_bops", "fp32_bops", "n",
                "primary_metric", "primary_value", "fp32_primary", "first_last", "granularity", "symmetric", "mode",
-               "act_sigma", "act_layers", "act_float", "act_ranges", "commit", "config_hash", "wall_seconds", "cpu_seconds", "peak_rss_mb", "error", "dir"]
+               "act_sigma", "act_layers", "act_float", "act_ranges", "act_points", "commit", "config_hash",
+               "wall_seconds", "cpu_seconds", "peak_rss_mb", "error", "dir"]
 
 
 def method_name(method: str, allocation: str = "uniform") -> str:
@@ -84,7 +85,8 @@ def job_row(rec: dict) -> dict:
         "act_sigma": _num(proto.get("act_sigma")),
         # how many layer inputs really were quantized (a W4A4 row with float inputs says so) and from what
         "act_layers": _num(det.get("act_layers")), "act_float": _num(det.get("act_float")),
-        "act_ranges": det.get("act_ranges") or "", "commit": (rec.get("git") or {}).get("commit") or "",
+        "act_ranges": det.get("act_ranges") or "", "act_points": det.get("act_points") or "",
+        "commit": (rec.get("git") or {}).get("commit") or "",
         "config_hash": rec.get("config_hash") or "",
         "wall_seconds": _num(rec.get("wall_seconds")), "cpu_seconds": _num(rec.get("cpu_seconds")),
         "peak_rss_mb": _num(rec.get("peak_rss_mb")),
