@@ -4,6 +4,8 @@
 #   snakemake --cores 2 --configfile conf/grid/smoke.yaml            # a handful of jobs, < 2 min
 #   snakemake --cores 8 --configfile conf/grid/paper_imagenet.yaml --config imagenet_root=/data/imagenet/val
 #   snakemake --profile workflow/profiles/slurm --configfile ...     # same jobs on SLURM
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("8.0")
@@ -12,6 +14,10 @@ min_version("8.0")
 configfile: "conf/grid/default.yaml"
 
 
+# an unknown key is named with the allowed ones (validate's own message is the whole schema)
+from rex.pipeline.grid import check_keys, load_yaml
+
+check_keys(config, load_yaml(Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
@@ -20,6 +26,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/jobs.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/baselines.smk"
 
 
 rule all:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -212,9 +213,28 @@ def cmd_datasets(a) -> int:
     return 0
 
 
+def writable_file(path, flag: str) -> Path:
+    """``path``'s folder exists (created if needed) and takes a new file; else a ConfigError naming ``flag``."""
+    from .errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file path, e.g. {path / 'bench.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the folder of {flag} {path}: {exc.strerror or exc}; "
+                          "choose a writable path") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {flag} {path}: its folder {path.parent} is not writable; "
+                          "choose a writable path")
+    return path
+
+
 def cmd_bench(a) -> int:
     from .bench import main as bench_main
 
+    writable_file(a.out, "--out")  # before minutes of benchmarking, not after
     return bench_main(a)
 
 

@@ -118,7 +118,43 @@ def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range) -> torch.nn.
     out["int32_safe"] = all(r["int32_safe"] for r in rep)
     out["notes"] = qmodel.rex_info.notes
     out.update(rex.activation_coverage(qmodel))
+    floats = qmodel.rex_info.extra.get("float_layers") or {}
+    out["float_layers"] = sum(len(v) for v in floats.values())  # layers left float: counted and named
+    out["float_layer_names"] = {k: list(v) for k, v in sorted(floats.items())}
     return qmodel
+
+
+def check_classes(model_name: str, entry, dataset: str) -> None:
+    """A classifier is evaluated only on a dataset of as many classes (else its top-1 means nothing)."""
+    from .data import dataset_entry
+    from .errors import ConfigError
+
+    d = dataset_entry(dataset)
+    if entry.task != "classification":
+        raise ConfigError(f"model {model_name!r} is a {entry.task} model: dataset {dataset!r} is for "
+                          "classification; use the model's own evaluation")
+    if d.task != "classification":
+        raise ConfigError(f"dataset {dataset!r} is a {d.task} dataset; model {model_name!r} is a classifier")
+    if entry.num_classes and d.num_classes and entry.num_classes != d.num_classes:
+        hint = f" (its own dataset is {entry.default_dataset!r})" if entry.default_dataset else ""
+        raise ConfigError(f"model {model_name!r} predicts {entry.num_classes} classes but dataset {dataset!r} has "
+                          f"{d.num_classes}: its accuracy would mean nothing; use a {entry.num_classes}-class "
+                          f"dataset{hint}")
+
+
+def check_channels(model_name: str, ex: torch.Tensor, dataset: str, ds) -> None:
+    """The dataset's images (after the model's preprocessing) have the channels the model takes."""
+    from .errors import ConfigError
+
+    try:
+        sample = ds[0][0] if len(ds) else None
+    except (IndexError, KeyError, TypeError):
+        return
+    if isinstance(sample, torch.Tensor) and sample.dim() >= 3 and ex.dim() >= 4 \
+            and sample.shape[-3] != ex.shape[1]:
+        raise ConfigError(f"dataset {dataset!r} gives {sample.shape[-3]}-channel images of shape "
+                          f"{tuple(sample.shape)} but model {model_name!r} takes {ex.shape[1]} channels "
+                          f"{tuple(ex.shape[1:])}; use a dataset the model was built for")
 
 
 def classification_job(
@@ -135,17 +171,26 @@ def classification_job(
 ) -> dict:
     """Quantize a registered classification model and (when ``dataset`` is given) evaluate FP32 and
     quantized. ``spec=None`` evaluates the float model only. ``weights`` overrides the registry's checkpoint
-    (a path); ``threads`` sets torch's intra-op threads for the evaluation."""
+    (a path); ``threads`` sets torch's intra-op threads for the evaluation. A dataset whose classes or image
+    channels do not match the model is refused before anything is computed."""
+    if dataset:  # names and classes checked before anything loads (a model can take half a minute)
+        from .models import get_entry
+
+        check_classes(model_name, get_entry(model_name), dataset)
     model, entry = _load(model_name, weights)
     ex = make_example(entry, batch=1)
     in_range = input_range_from_preprocess(entry.preprocess)
-    out: dict = dict(model=model_name, task=entry.task)
-    qmodel = _quantize_or_keep(out, model, entry, weights, spec, ex, in_range)
+    ds = None
     if dataset:
         from .data import get_dataset
-        from .evaluate.classification import evaluate
 
         ds = get_dataset(dataset, root=dataset_root, preprocess=entry.preprocess, limit=limit)
+        check_channels(model_name, ex, dataset, ds)
+    out: dict = dict(model=model_name, task=entry.task)
+    qmodel = _quantize_or_keep(out, model, entry, weights, spec, ex, in_range)
+    if ds is not None:
+        from .evaluate.classification import evaluate
+
         root = getattr(ds, "root", None) or dataset_root
         out["dataset"] = dataset
         out["dataset_path"] = str(root) if root is not None else None

@@ -19,7 +19,8 @@ from rex.pipeline import grid as gridlib
 
 ROOT = PROJECT_ROOT
 GRIDS = sorted((ROOT / "conf" / "grid").glob("*.yaml"))
-SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status"]
+SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status",
+                   "variant", "commit"]
 
 
 def snakemake(*args, timeout=900):

@@ -374,9 +374,10 @@ def _cli_cases(bad):
                                   ("not a uint8 IDX file",)),
         "dataset files truncated": (good + ["--dataset", "fashion_mnist", "--data-root", str(bad["fm_truncated"])],
                                     ("truncated",)),
-        "image folder empty": (good + ["--dataset", "imagenet_sample", "--data-root", str(bad["in_empty"])],
+        # an ImageNet folder needs an ImageNet model: a 10-class net on it is refused first (issue 13 item 5)
+        "image folder empty": (["--model", "mobilenet_v2", "--dataset", "imagenet_sample", "--data-root", str(bad["in_empty"])],
                                ("lists no images",)),
-        "unreadable image": (good + ["--dataset", "imagenet_sample", "--data-root", str(bad["in_unreadable"])],
+        "unreadable image": (["--model", "mobilenet_v2", "--dataset", "imagenet_sample", "--data-root", str(bad["in_unreadable"])],
                              ("cannot read image", "a.JPEG")),
         "data-root without eval": (good + ["--data-root", str(bad["fm_empty"])], ("--data-root needs --eval",)),
         "detection model in classification CLI": (["--model", "fastestdet_coco"], ("detection model",)),
@@ -490,8 +491,9 @@ APPENDED_KEY_CASES = {  # keys Hydra lets through (appended with +) and run / ev
 ENV_FAULTS = {"DatasetError": 75, "CheckpointError": 75}
 
 
-def run_job(bad, tmp_path, extra: list, subprocess_: bool = False, expect_rc: int = 0) -> tuple[Path, dict]:
-    out = tmp_path / "runs" / "classification" / MODEL / "method=rex,w=4,a=8,K=2"
+def run_job(bad, tmp_path, extra: list, subprocess_: bool = False, expect_rc: int = 0,
+            label: str = "method=rex,w=4,a=8,K=2") -> tuple[Path, dict]:
+    out = tmp_path / "runs" / "classification" / MODEL / label
     extra = [x.format(**{k: v for k, v in bad.items()}) for x in extra]
     groups = {x.split("=", 1)[0] for x in extra if "=" in x and "." not in x.split("=", 1)[0]}
     base = [x for x in _job_base(bad) if x.split("=", 1)[0] not in groups
@@ -552,7 +554,8 @@ def test_job_bad_input_subprocess(bad, tmp_path, case):
 
 
 def test_job_good_input_control(bad, tmp_path):
-    out, rec = run_job(bad, tmp_path, ["method.budget=1.5"])
+    # the folder is the label of what runs (a mismatch is refused: test_job_folder_label_must_match_what_runs)
+    out, rec = run_job(bad, tmp_path, ["method.budget=1.5"], label="method=rex,w=4,a=8,K=2,budget=1.5")
     assert rec["status"] == "ok" and (out / "metrics.json").exists() and not (out / "FAILED.json").exists()
     assert rec["n"] == 20 and set(rec["metrics"]) == {"top1", "top5", "agreement", "kl"}
 

@@ -23,12 +23,19 @@ from typing import Iterable
 from ..io import atomic_write_text
 from . import grid as gridlib
 
-SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status"]
+# `variant` (the folder's p= hash: '' for the default protocol) and `commit` (the checkout that computed the row)
+# come last, so that the columns before them keep their meaning and order.
+SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status",
+                   "variant", "commit"]
 JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "label", "method", "base_method",
                "allocation", "wbits", "abits", "order", "budget", "status", "bops", "plain_bops", "fp32_bops", "n",
                "primary_metric", "primary_value", "fp32_primary", "first_last", "granularity", "symmetric", "mode",
-               "act_sigma", "act_layers", "act_float", "act_ranges", "act_points", "commit", "config_hash",
-               "wall_seconds", "cpu_seconds", "peak_rss_mb", "error", "dir"]
+               "act_sigma", "act_layers", "act_float", "act_ranges", "act_points", "config_hash", "wall_seconds",
+               "cpu_seconds", "peak_rss_mb", "error", "dir", "variant", "commit", "float_layers", "previous_failure"]
+
+
+class RecordError(ValueError):
+    """A job folder's metrics.json / FAILED.json cannot be read."""
 
 
 def method_name(method: str, allocation: str = "uniform") -> str:
@@ -41,10 +48,24 @@ def read_record(job_dir: Path) -> dict:
     for name in ("metrics.json", "FAILED.json"):
         p = job_dir / name
         if p.is_file():
-            rec = json.loads(p.read_text())
+            try:
+                rec = json.loads(p.read_text())
+            except (OSError, ValueError) as exc:
+                raise RecordError(f"{p} is unreadable ({type(exc).__name__}: {exc}); the job folder is damaged: "
+                                  f"delete {job_dir} and run the pipeline again to recompute it") from None
+            if not isinstance(rec, dict):
+                raise RecordError(f"{p} holds a {type(rec).__name__}, not a job record; delete {job_dir} and "
+                                  "run the pipeline again to recompute it")
             rec["dir"] = str(job_dir)
+            if name == "metrics.json" and (job_dir / "FAILED.json").is_file():
+                # a later run of this job failed and kept this result: say so beside it
+                try:
+                    err = json.loads((job_dir / "FAILED.json").read_text()).get("error") or {}
+                    rec["previous_failure"] = f"{err.get('type')}: {err.get('message', '')}"[:300]
+                except (OSError, ValueError, AttributeError):
+                    rec["previous_failure"] = "unreadable FAILED.json"
             return rec
-    parsed = gridlib.parse_label(job_dir.name)
+    parsed = gridlib.parse_label(gridlib.split_variant(job_dir.name)[0])
     return {"status": "failed", "task": job_dir.parent.parent.name, "model": job_dir.parent.name,
             "label": job_dir.name, **parsed, "dir": str(job_dir),
             "error": {"type": "MissingRecord", "message": "no metrics.json / FAILED.json in the job folder"}}
@@ -58,7 +79,7 @@ def job_row(rec: dict) -> dict:
     task = rec.get("task")
     parsed = {}
     try:
-        parsed = gridlib.parse_label(rec.get("label") or Path(rec["dir"]).name)
+        parsed = gridlib.parse_label(gridlib.split_variant(rec.get("label") or Path(rec["dir"]).name)[0])
     except (KeyError, ValueError):
         pass
     get = lambda k: rec.get(k) if rec.get(k) is not None else parsed.get(k)  # noqa: E731
@@ -86,13 +107,23 @@ def job_row(rec: dict) -> dict:
         # how many layer inputs really were quantized (a W4A4 row with float inputs says so) and from what
         "act_layers": _num(det.get("act_layers")), "act_float": _num(det.get("act_float")),
         "act_ranges": det.get("act_ranges") or "", "act_points": det.get("act_points") or "",
-        "commit": (rec.get("git") or {}).get("commit") or "",
         "config_hash": rec.get("config_hash") or "",
         "wall_seconds": _num(rec.get("wall_seconds")), "cpu_seconds": _num(rec.get("cpu_seconds")),
         "peak_rss_mb": _num(rec.get("peak_rss_mb")),
         "error": f"{err.get('type')}: {err.get('message', '')}".replace("\n", " ")[:300] if err else "",
         "dir": rec.get("dir"),
+        "variant": gridlib.split_variant(rec.get("label") or Path(rec.get("dir") or "").name)[1],
+        "commit": commit_of(rec),
+        "float_layers": _num((rec.get("details") or {}).get("float_layers")),
+        "previous_failure": rec.get("previous_failure") or "",
     }
+
+
+def commit_of(rec: dict) -> str:
+    """The commit that computed the record ('+dirty' when the checkout had uncommitted changes)."""
+    g = rec.get("git") or {}
+    c = g.get("commit") or "unknown"
+    return f"{c}+dirty" if g.get("dirty") and c != "unknown" else c
 
 
 def summary_rows(rec: dict) -> list:
@@ -102,7 +133,8 @@ def summary_rows(rec: dict) -> list:
         value = (rec.get("metrics") or {}).get(metric) if j["status"] == "ok" else None
         rows.append({"task": j["task"], "model": j["model"], "method": j["method"], "wbits": j["wbits"],
                      "abits": j["abits"], "order": j["order"], "budget": j["budget"], "bops": j["bops"],
-                     "metric": metric, "value": _num(value), "status": j["status"]})
+                     "metric": metric, "value": _num(value), "status": j["status"], "variant": j["variant"],
+                     "commit": j["commit"]})
     return rows
 
 
@@ -131,7 +163,11 @@ def main(argv=None) -> int:
     ap.add_argument("dirs", nargs="*", help="job folders or their `done` markers")
     a = ap.parse_args(argv)
     dirs = [Path(p).parent if Path(p).name == "done" else Path(p) for p in a.dirs]
-    n, failed = aggregate(dirs, Path(a.summary), Path(a.jobs))
+    try:
+        n, failed = aggregate(dirs, Path(a.summary), Path(a.jobs))
+    except RecordError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"aggregated {n} jobs ({failed} failed) -> {a.summary}, {a.jobs}")
     return 0
 

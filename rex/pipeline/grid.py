@@ -38,6 +38,11 @@ METRICS = {
     "segmentation": ("mIoU",),
 }
 NAME_RE = r"[A-Za-z0-9_.-]+"
+# A job folder: the label, plus ",p=<8 hex>" when the job's protocol, method options or dataset differ from the
+# defaults (conf/config.yaml's protocol, no options, the model's own dataset): `--config protocol.mode=int`
+# writes beside the fake-mode results instead of over them, and the default grid's folders keep their names.
+VARIANT_RE = r"[0-9a-f]{8}"
+JOB_LABEL_RE = LABEL_RE + r"(,p=" + VARIANT_RE + ")?"
 _PLAIN = re.compile(r"^[A-Za-z0-9_./+-]+$")
 
 
@@ -117,7 +122,40 @@ def expand_methods(blocks: Iterable[dict]) -> list:
 
 def results_dir(config: dict, project_root: Path) -> Path:
     r = Path(str(config.get("results_dir") or "results")).expanduser()
-    return r if r.is_absolute() else Path(project_root) / r
+    r = r if r.is_absolute() else Path(project_root) / r
+    if r.exists() and not r.is_dir():
+        raise GridError(f"results_dir {r} is a file, not a folder; set results_dir to a folder "
+                        "(it is created when missing)")
+    return r
+
+
+def check_keys(config: Any, schema: dict, where: str = "grid", root: Optional[dict] = None) -> None:
+    """Name the first key the JSON schema does not allow (and the allowed ones), instead of the schema dump that
+    `snakemake.utils.validate` prints. Walks objects with ``additionalProperties: false`` and list items."""
+    import difflib
+
+    root = schema if root is None else root
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/"):  # a local reference, e.g. {$ref: "#/$defs/methods"}
+        schema = root
+        for part in ref[2:].split("/"):
+            schema = schema.get(part, {})
+    if isinstance(config, dict) and schema.get("type") in ("object", None) and "properties" in schema:
+        allowed = schema["properties"]
+        patterns = list(schema.get("patternProperties") or {})
+        for key, value in config.items():
+            if key in allowed:
+                check_keys(value, allowed[key], f"{where}.{key}" if where != "grid" else str(key), root)
+            elif any(re.search(pat, str(key)) for pat in patterns):
+                continue
+            elif schema.get("additionalProperties", True) is False:
+                close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                place = "the grid" if where == "grid" else where
+                raise GridError(f"unknown key {key!r} in {place}{hint} (allowed: {', '.join(sorted(allowed))})")
+    elif isinstance(config, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(config):
+            check_keys(item, schema["items"], f"{where}[{i}]", root)
 
 
 def relpath(p: Path, project_root: Path) -> str:
@@ -137,6 +175,36 @@ def checkpoint_path(config: dict, project_root: Path, model: str) -> str:
     return relpath(d / model / "model.pt", project_root)
 
 
+def protocol_defaults(conf_dir: Path) -> dict:
+    return dict(load_yaml(Path(conf_dir) / "config.yaml").get("protocol") or {})
+
+
+def variant(protocol: dict, defaults: dict, options: Optional[dict] = None, dataset: Optional[str] = None,
+            default_dataset: Optional[str] = None) -> str:
+    """'' for a job of the default protocol, no method options and the model's own dataset; else the first 8
+    hex digits of the sha256 of what differs (the ``p=`` part of the folder name)."""
+    diff = {f"protocol.{k}": v for k, v in sorted(protocol.items()) if k not in defaults or defaults[k] != v}
+    diff.update({f"method.options.{k}": v for k, v in sorted((options or {}).items())})
+    if dataset and default_dataset and dataset != default_dataset:
+        diff["dataset"] = dataset
+    if not diff:
+        return ""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(diff, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def job_label(base: str, tag: str) -> str:
+    return f"{base},p={tag}" if tag else base
+
+
+def split_variant(folder: str) -> tuple[str, str]:
+    """``method=rtn,w=8,a=8,K=1,p=1a2b3c4d`` -> (``method=rtn,w=8,a=8,K=1``, ``1a2b3c4d``)."""
+    m = re.fullmatch(r"(.*),p=(" + VARIANT_RE + ")", folder)
+    return (m.group(1), m.group(2)) if m else (folder, "")
+
+
 def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) -> list:
     """The grid -> list of job dicts (task, model, dataset, label, method, wbits, abits, order, budget,
     allocation, limit, checkpoint, train_args, overrides, dir)."""
@@ -144,6 +212,7 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
     conf_dir = Path(conf_dir) if conf_dir else project_root / "conf"
     rdir = results_dir(config, project_root)
     protocol = dict(config.get("protocol") or {})
+    proto_defaults = protocol_defaults(conf_dir)
     default_blocks = config.get("methods") or []
     jobs, seen = [], {}
     for mblock in config.get("models") or []:
@@ -177,9 +246,12 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
         for m in sorted({s["method"] for s in settings} - {FP32_METHOD}):
             group_conf(conf_dir, "method", m)  # an unknown method fails here, at DAG time, not in every job
         for s in settings:
-            lab = label(s["method"], s["wbits"], s["abits"], s["order"], s["budget"], s["allocation"])
-            if not re.fullmatch(LABEL_RE, lab):
-                raise GridError(f"label {lab!r} does not match {LABEL_RE}")
+            # the float model's numbers depend on its dataset only, not on the quantization protocol
+            fp = s["method"] == FP32_METHOD
+            tag = variant({} if fp else protocol, proto_defaults, s["options"], dataset, mconf.get("dataset"))
+            lab = job_label(label(s["method"], s["wbits"], s["abits"], s["order"], s["budget"], s["allocation"]), tag)
+            if not re.fullmatch(JOB_LABEL_RE, lab):
+                raise GridError(f"label {lab!r} does not match {JOB_LABEL_RE}")
             key = (task, model, lab)
             ov = [f"method={s['method']}"]
             if s["method"] != FP32_METHOD:
@@ -192,9 +264,9 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
                     raise GridError(f"two different settings of {model} map to the same folder {lab!r}; "
                                     "give them different methods/options or split the grid")
                 continue
-            job = dict(task=task, model=model, dataset=dataset, label=lab, method=s["method"], wbits=s["wbits"],
-                       abits=s["abits"], order=s["order"], budget=s["budget"], allocation=s["allocation"],
-                       limit=limit, checkpoint=ckpt, overrides=overrides,
+            job = dict(task=task, model=model, dataset=dataset, label=lab, variant=tag, method=s["method"],
+                       wbits=s["wbits"], abits=s["abits"], order=s["order"], budget=s["budget"],
+                       allocation=s["allocation"], limit=limit, checkpoint=ckpt, overrides=overrides,
                        dir=relpath(rdir / "runs" / task / model / lab, project_root))
             seen[key] = job
             jobs.append(job)
@@ -218,3 +290,15 @@ def train_specs(config: dict, project_root: Path, conf_dir: Optional[Path] = Non
 
 def quote_overrides(overrides: Iterable[str]) -> str:
     return " ".join(shlex.quote(o) for o in overrides)
+
+
+def baselines_args(config: dict) -> tuple[str, str]:
+    """(model, shell-quoted arguments of workflow/scripts/baselines_table.py) from the grid's ``baselines:``."""
+    bl = dict(config.get("baselines") or {})
+    model = str(bl.get("model", "mobilenet_v2"))
+    args = ["--model", model, "--dataset", str(bl.get("dataset", "imagenet_sample"))]
+    for key, flag in (("limit", "--limit"), ("settings", "--settings"), ("methods", "--methods"),
+                      ("per_tensor", "--per-tensor")):
+        if bl.get(key) is not None:
+            args += [flag, str(bl[key])]
+    return model, quote_overrides(args)

@@ -143,11 +143,12 @@ def spec_from_config(cfg_dict: dict):
 
 def identity(cfg_dict: Optional[dict], out: Path) -> dict:
     """task / model / method / bits ... of the job, from the config or (if it failed to compose) the path."""
+    base, tag = gridlib.split_variant(out.name)
     try:
-        parsed = gridlib.parse_label(out.name)
+        parsed = gridlib.parse_label(base)
     except (KeyError, ValueError):
         parsed = {}
-    ident = {"task": out.parent.parent.name, "model": out.parent.name, "label": out.name, **parsed}
+    ident = {"task": out.parent.parent.name, "model": out.parent.name, "label": out.name, "variant": tag, **parsed}
     if cfg_dict:
         m = cfg_dict.get("method", {})
         ident.update(
@@ -181,9 +182,9 @@ def git_info() -> dict:
                               timeout=20, check=True).stdout.strip()
 
     try:
-        commit = git("rev-parse", "HEAD")
+        commit = git("rev-parse", "HEAD") or "unknown"
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None}
+        return {"commit": "unknown", "dirty": None}  # not a git checkout (or no git): said so, never empty
     try:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
@@ -358,8 +359,11 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
         spec = spec_from_config(cfg_dict)
         expected = gridlib.fp32_label() if spec is None else spec.label()
         record["spec_hash"] = spec.hash() if spec is not None else None
-        if expected != out.name:
-            record["label_mismatch"] = expected
+        if expected != gridlib.split_variant(out.name)[0]:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"the job folder {out.name!r} does not match what its config runs ({expected!r}): "
+                              "a result must be stored under its own label; fix the overrides or the folder name")
         res = evaluate_job(cfg_dict, spec)
         task = record["task"]
         metrics = {k: res.get(k) for k in gridlib.METRICS[task]}

@@ -16,6 +16,7 @@ from rex.pipeline import grid
 R = grid.relpath(grid.results_dir(config, PROJECT), PROJECT)  # results folder (relative when inside the project)
 JOBS = grid.expand(config, PROJECT)
 JOB_BY_DIR = {j["dir"]: j for j in JOBS}
+FP32_DIR = {(j["task"], j["model"], j["dataset"]): j["dir"] for j in JOBS if j["method"] == grid.FP32_METHOD}
 TRAIN = grid.train_specs(config, PROJECT)
 PAIRS = sorted({(j["task"], j["model"]) for j in JOBS})
 TRACKING_URI = config.get("tracking_uri") or f"sqlite:///{R}/mlflow.db"
@@ -47,19 +48,21 @@ def _lifeline():
 shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(_PYBIN)}:\"$PATH\"; {_lifeline()}")
 
 
-# A job folder is <label> = method=..,w=..,a=..,K=..[,budget=..[,alloc=..]] (QuantSpec.label()). The job rules
+# A job folder is <label> = method=..,w=..,a=..,K=..[,budget=..[,alloc=..]] (QuantSpec.label()), plus ,p=<hash>
+# when the protocol, method options or dataset are not the defaults (grid.variant). The job rules
 # spell the label's parts as separate wildcards, none holding a comma: a cluster job selects its job with
 # `--target-jobs rule:k=v,k=v`, which Snakemake 9 splits on every comma (a `label` wildcard would arrive cut).
 wildcard_constraints:
     task="|".join(grid.TASKS),
     model=grid.NAME_RE,
-    label=grid.LABEL_RE,
+    label=grid.JOB_LABEL_RE,
     method=r"[A-Za-z0-9_]+",
     w=r"\d+",
     a=r"\d+",
     K=r"\d+",
     budget=r"[0-9.e+]+",
     alloc=r"[a-z_]+",
+    p=grid.VARIANT_RE,
 
 
 def label_of(wildcards):
@@ -71,6 +74,8 @@ def label_of(wildcards):
         label += f",budget={wildcards.budget}"
     if "alloc" in wildcards.keys():
         label += f",alloc={wildcards.alloc}"
+    if "p" in wildcards.keys():
+        label += f",p={wildcards.p}"
     return label
 
 
@@ -88,8 +93,8 @@ def job_inputs(wildcards):
     if job["checkpoint"]:
         deps["checkpoint"] = job["checkpoint"]
     if job["method"] != grid.FP32_METHOD:
-        fp = f"{R}/runs/{job['task']}/{job['model']}/{grid.fp32_label()}"
-        if fp in JOB_BY_DIR:
+        fp = FP32_DIR.get((job["task"], job["model"], job["dataset"]))
+        if fp is not None:
             deps["fp32"] = f"{fp}/done"
     return deps
 
@@ -125,3 +130,7 @@ def all_outputs():
     if CHECKS:
         out.append(f"{R}/checks.json")
     return out
+
+
+# For baselines.smk, from the grid's optional `baselines:` block -> baselines_table.py's arguments
+BASELINES_MODEL, BASELINES_ARGS = grid.baselines_args(config)

@@ -3,8 +3,9 @@
 # atomically. A failed configuration exits 0 with FAILED.json (the tables show it); `done` is written last.
 # MLflow logging is a separate rule (aggregate.smk): the tracking store never appears in a job's params, so
 # neither it nor the MLflow state can make Snakemake re-run a job.
-# Three rules, one per label shape (plain, with budget, with budget and allocation), so that no wildcard
-# value holds a comma (see common.smk); all three run the same command.
+# Six rules, one per label shape (plain, with budget, with budget and allocation; each with or without the
+# ,p=<hash> of a non-default protocol), so that no wildcard value holds a comma (see common.smk); all run the
+# same command.
 
 
 rule quantize_evaluate:
@@ -38,3 +39,24 @@ use rule quantize_evaluate as quantize_evaluate_alloc with:
         done=f"{R}/runs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},budget={{budget}},alloc={{alloc}}/done",
     log:
         f"{R}/logs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},budget={{budget}},alloc={{alloc}}.log",
+
+
+use rule quantize_evaluate as quantize_evaluate_p with:
+    output:
+        done=f"{R}/runs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},p={{p}}/done",
+    log:
+        f"{R}/logs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},p={{p}}.log",
+
+
+use rule quantize_evaluate as quantize_evaluate_budget_p with:
+    output:
+        done=f"{R}/runs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},budget={{budget}},p={{p}}/done",
+    log:
+        f"{R}/logs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},budget={{budget}},p={{p}}.log",
+
+
+use rule quantize_evaluate as quantize_evaluate_alloc_p with:
+    output:
+        done=f"{R}/runs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},budget={{budget}},alloc={{alloc}},p={{p}}/done",
+    log:
+        f"{R}/logs/{{task}}/{{model}}/method={{method}},w={{w}},a={{a}},K={{K}},budget={{budget}},alloc={{alloc}},p={{p}}.log",
