@@ -143,3 +143,11 @@ def test_trained_vit_floors(one_thread):
     q = rex.quantize(b.model, rex.QuantSpec(method="rtn", wbits=8, abits=None), example_input=example_input(b.entry))
     w8 = evaluate(q, ds, batch_size=500, progress=False, fp_logits=fp["logits"])
     assert w8["top1"] >= fp["top1"] - 1.0 and w8["agreement"] >= 97.0, (fp["top1"], w8)
+    # W3 weight-only: the second order restores the float predictions (measured on all 10,000: agreement
+    # with FP32 96.09 % for RTN, 99.24 % for K=2; top-1 82.65 / 83.10 vs 83.09)
+    agree = {}
+    for k in (1, 2):
+        q = rex.quantize(b.model, rex.QuantSpec(method="rex", wbits=3, abits=None, order=k),
+                         example_input=example_input(b.entry))
+        agree[k] = evaluate(q, ds, batch_size=500, progress=False, fp_logits=fp["logits"])["agreement"]
+    assert agree[2] >= 98.5 and agree[2] >= agree[1] + 1.5, agree
