@@ -305,4 +305,72 @@ def segmentation_job(model_name: str, spec: Optional[QuantSpec], limit: Optional
                       limit, progress, dataset_root, weights, threads, keep_model, evaluate_kw)
 
 
-JOBS = {"classification": classification_job, "detection": detection_job, "segmentation": segmentation_job}
+# ------------------------------------------------------------------------------------------------- text
+
+TEXT_TASKS = ("text_similarity", "language_modeling")
+
+
+def text_job(model_name: str, spec: Optional[QuantSpec], limit: Optional[int] = None, progress: bool = True,
+             dataset_root=None, weights=None, threads: Optional[int] = None, keep_model: bool = False,
+             tied_head: str = "float") -> dict:
+    """Quantize a registered text model (``minilm_l6``: STS-B Spearman x100; ``smollm2_135m``: WikiText-2
+    perplexity, lower is better) and evaluate it on its default dataset; ``limit`` is the number of sentence
+    pairs or of tokens scored. Weight-only rows are the ones that mean something today (no data-free range
+    reaches a transformer's layer inputs: ``notes`` lists the inputs left float). BOPs are per example input
+    (``rex.models.transformers.example_inputs``: 16 tokens). The FP32 figure is cached per (model, weights,
+    data root, limit)."""
+    from .data import get_dataset
+    from .errors import ConfigError
+    from .evaluate.text import evaluate_text
+    from .models.transformers import example_inputs, load_tokenizer, quantize_text_model
+    from .paths import cache_root
+
+    bundle = get_model(model_name, weights=weights) if weights is not None else get_model(model_name)
+    entry = bundle.entry
+    if entry.task not in TEXT_TASKS:
+        raise ConfigError(f"model {model_name!r} is a {entry.task} model, not a text model ({', '.join(TEXT_TASKS)})")
+    tok = load_tokenizer(bundle)
+    ex = example_inputs(tok, entry.task)
+    out: dict = dict(model=model_name, task=entry.task)
+    out.update(_weights_info(entry, weights))
+    out["fp32_bops"] = rex.bops(bundle.model, ex)
+    qmodel = bundle.model
+    if spec is None:
+        out["bops"] = out["plain_bops"] = out["fp32_bops"]
+    else:
+        out["spec"] = spec.label()
+        t0 = time.perf_counter()
+        qmodel = quantize_text_model(bundle, spec, tied_head=tied_head)
+        out["quant_seconds"] = round(time.perf_counter() - t0, 4)
+        out["bops"] = rex.bops(qmodel, ex)
+        rep = rex.report(qmodel)
+        out["layers_quantized"] = len(rep) or len((qmodel.rex_info.extra.get("hqq") or {}).get("layers", []))
+        out["max_err"] = max((r["max_err"] or 0.0) for r in rep) if rep else None
+        out["bound_ok"] = all(r["bound_ok"] is not False for r in rep)
+        out["notes"] = qmodel.rex_info.notes
+    ds = get_dataset(entry.default_dataset, root=dataset_root, limit=limit)
+    out["dataset"], out["dataset_path"] = entry.default_dataset, str(getattr(ds, "path", None) or dataset_root)
+    key = hashlib.sha256(json.dumps([model_name, out.get("weights_sha256"), str(dataset_root), limit],
+                                    default=str).encode()).hexdigest()[:16]
+    cpath = cache_root() / "fp32" / f"{model_name}-{entry.task}-{key}.json"
+    fp = None
+    if cpath.exists():
+        try:
+            fp = json.loads(cpath.read_text())
+        except ValueError:
+            cpath.unlink(missing_ok=True)
+    if fp is None or spec is None:
+        fp = evaluate_text(bundle.model, ds, tok, entry.task, threads=threads)
+        atomic_write_json(cpath, fp, end="")
+    m = fp if spec is None else evaluate_text(qmodel, ds, tok, entry.task, threads=threads)
+    metric = m["metric"]
+    out[metric], out[f"fp32_{metric}"] = m["value"], fp["value"]
+    out.update({k: m[k] for k in ("n", "window", "tokens", "n_tokens", "max_length") if k in m})
+    out["eval_seconds"] = m.get("seconds")
+    if keep_model:
+        out["qmodel"] = qmodel
+    return out
+
+
+JOBS = {"classification": classification_job, "detection": detection_job, "segmentation": segmentation_job,
+        "text_similarity": text_job, "language_modeling": text_job}

@@ -41,7 +41,8 @@ from .models.small import BUILDERS
 RECIPES = {
     "resnet20_fmnist": dict(epochs=3, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=5e-4),
     "mobilenetv2_fmnist": dict(epochs=3, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=4e-5),
-    # DeiT-style recipe (AdamW, decoupled weight decay 0.05, warm-up + cosine): see rex/models/vit.py
+    # DeiT-style recipe (AdamW, decoupled weight decay 0.05, warm-up + cosine): see rex/models/vit.py.
+    # Measured (seed 0, 2 threads, load ~8): 83.09 % test, 863 s wall / 1,582 CPU-s
     "vit_fmnist": dict(epochs=6, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.05),
 }
 SMOKE = dict(epochs=1, limit=512, test_limit=500)

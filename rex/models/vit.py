@@ -88,11 +88,19 @@ class ViT(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
-        # Embeddings: DeiT's truncated normal (std 0.02). Linear layers keep PyTorch's default (Kaiming-
-        # uniform) init rather than DeiT's std-0.02 normal: in a short CPU schedule it learns faster
-        # (measured: 70 vs 64 % test after 150 AdamW steps at lr 1e-3).
+        # ViT/DeiT initialisation: truncated normal (std 0.02) for embeddings and Linear weights: the init in
+        # the code when the measured checkpoint was trained (6 epochs: 83.09 % on the 10,000 test images). A
+        # Kaiming-uniform init of the Linear layers learned faster in a 150-step probe (70 vs 64 %) but was
+        # never trained to the end, so the recipe keeps the init its figures come from.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, dim)
