@@ -13,7 +13,7 @@ weight, so the returned model is a plain float module computing with the HQQ-qua
 quantization, as `mode="fake"` for the other methods). Activations stay float: the spec must be
 weight-only (abits=None); orders and budgets are REx's and are refused here.
 
-Options (`spec.options`): `group_size` (None = one group per output row, i.e. per channel; else a multiple
+Options (`spec.config`, an HQQConfig): `group_size` (None = one group per output row, i.e. per channel; else a multiple
 of 8 dividing every quantized layer's input size, e.g. 64 or 128).
 
 First/last-layer policy (spec.first_last, like the engine's, on the same execution order from tracing
