@@ -34,6 +34,7 @@ from .expansion import (
 )
 from .nn.layers import ActQuantizer, QuantLayer, canonical_weight, make_quant_layer
 from .quant import WeightQuantizer, check_finite, round_nearest
+from .quant.threads import quant_threads
 from .spec import QuantSpec
 from .trace import trace
 from .transforms import fold_batchnorm, get_module, set_module
@@ -151,7 +152,18 @@ def _layer_terms(w, q, p, counts, criterion, dense: dict):
     return expand_terms(w, q, p.order, masks, name=p.name)
 
 
-def quantize_model(
+def quantize_model(model: nn.Module, spec: QuantSpec, example_input=None, *args, **kwargs) -> nn.Module:
+    """Quantize ``model`` under ``spec`` (steps 1-7 above) and return the quantized copy with ``rex_info``.
+
+    The math runs single-threaded (``rex.quant.threads``: thread contention made a 2-thread run ~10x
+    slower than a 1-thread one on a loaded machine); the caller's torch thread count is restored."""
+    with quant_threads():
+        m = _quantize_model(model, spec, example_input, *args, **kwargs)
+        m.rex_info.extra["quant_threads"] = torch.get_num_threads()
+    return m
+
+
+def _quantize_model(
     model: nn.Module,
     spec: QuantSpec,
     example_input=None,
@@ -209,9 +221,10 @@ def quantize_model(
         if p.abits is not None and p.input_range is not None:
             act = ActQuantizer(p.abits, p.input_range[0], p.input_range[1],
                                source="input" if p.role == "first" else "bn-propagated")
-        layer = make_quant_layer(inner, terms, act, p.wbits, name=p.name, mode=spec.mode)
+        rec = reconstruct(terms)
+        layer = make_quant_layer(inner, terms, act, p.wbits, name=p.name, mode=spec.mode, dequantized=rec)
         # measured error vs the bound of method.md §2 at each row's effective order
-        err = (w.float() - reconstruct(terms)).flatten(1).abs().amax(1)
+        err = (w.float() - rec).flatten(1).abs().amax(1)
         n_terms = torch.stack([t.mask for t in terms]).sum(0)
         s1 = terms[0].qt.channel_scale(w.shape[0])  # order-1 scale per channel
         bound = (s1 / 2) * float(2**p.wbits - 2) ** (-(n_terms.float() - 1))
@@ -231,7 +244,7 @@ def quantize_model(
         note = int32_note(layers)
         if note:
             info.notes.append(note)
-            warnings.warn(note, Int32OverflowWarning, stacklevel=2)
+            warnings.warn(note, Int32OverflowWarning, stacklevel=3)
     m.rex_info = info
     return m
 

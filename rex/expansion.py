@@ -35,6 +35,8 @@ class ExpansionTerm:
 
     def dequantize(self) -> torch.Tensor:
         w = self.qt.dequantize()
+        if bool(self.mask.all()):  # x * 1 == x: skip the pass
+            return w
         return w * _rows(self.mask, w).to(w.dtype)
 
 
@@ -61,21 +63,24 @@ def expand_terms(
     check_finite(weight, name)
     w = weight.detach().to(torch.float32)
     c_out = w.shape[0]
-    residual = w.clone()
+    residual = w  # rebound below, never written in place
     terms: list[ExpansionTerm] = []
     for k in range(order):
         mask = None if masks is None or k == 0 else masks[k]
         mask = torch.ones(c_out, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-        if k > 0 and not mask.any():
+        full = bool(mask.all())
+        if k > 0 and not full and not mask.any():
             terms.append(ExpansionTerm(_zero_qtensor(w, quantizer.bits), mask))
             continue
-        # the scale of a sparse order is computed from the rows it keeps (per channel this changes nothing)
-        target = residual * _rows(mask, residual).to(residual.dtype)
+        # the scale of a sparse order is computed from the rows it keeps (per channel this changes nothing);
+        # a full mask multiplies by one, skipped
+        target = residual if full else residual * _rows(mask, residual).to(residual.dtype)
         qt = quantizer(target, name=f"{name} (order {k + 1})", check=False)  # checked once above
-        if qt.zero_point is None:
+        if qt.zero_point is None and not full:
             qt.q = qt.q * _rows(mask, qt.q).to(qt.q.dtype)
         term = ExpansionTerm(qt, mask)
-        residual = residual - term.dequantize()
+        if k + 1 < order:  # the last residual is never read
+            residual = residual - term.dequantize()
         terms.append(term)
     return terms
 

@@ -163,6 +163,7 @@ class QuantLayer(nn.Module):
         name: str = "",
         mode: str = "fake",
         bound: Optional[torch.Tensor] = None,
+        dequantized: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -183,7 +184,12 @@ class QuantLayer(nn.Module):
             self.register_buffer(f"m{k}", t.mask)
         self.register_buffer("bound", bound)
         self.active_terms: Optional[list[int]] = None
-        self._refresh_weight()
+        if dequantized is not None:  # the caller's sum of the terms (rex.expansion.reconstruct): not recomputed
+            if tuple(dequantized.shape) != self._wshape:
+                raise ValueError(f"dequantized weight of shape {tuple(dequantized.shape)} does not match {self._wshape}")
+            self.inner.weight = nn.Parameter(self.inner_layout(dequantized.float()), requires_grad=False)
+        else:
+            self._refresh_weight()
 
     # -- structure -------------------------------------------------------------------------------
     @property

@@ -31,6 +31,10 @@ def check_bits(bits: int, what: str = "bit-width") -> int:
 
 def check_finite(x: torch.Tensor, name: str = "tensor") -> None:
     """Raise a WeightError naming the tensor when it holds NaN or Inf (rounding would silently corrupt it)."""
+    # fast path: a finite sum implies finite entries (NaN and Inf propagate into the sum); one reduction
+    # without the bool tensor of isfinite. A sum that overflows falls through to the exact test.
+    if not x.is_floating_point() or bool(torch.isfinite(x.sum())):
+        return
     if not torch.isfinite(x).all():
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
@@ -112,8 +116,11 @@ def quantize_affine(
 ) -> torch.Tensor:
     """q = clamp(round(x / s) + z). Channels with s = 0 map to q = z (exactly zero after dequantization)."""
     s = _expand_to(scale, x, axis)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    scaled = torch.where(s > 0, x / safe, torch.zeros_like(x))
+    if bool((s > 0).all()):  # the common case: no all-zero channel, one division pass
+        scaled = x / s
+    else:
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        scaled = torch.where(s > 0, x / safe, torch.zeros_like(x))
     if zero_point is not None:
         z = _expand_to(zero_point, x, axis).to(scaled.dtype)
         q = rounding(scaled + z, qmin, qmax)
