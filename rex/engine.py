@@ -19,24 +19,25 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .cost import module_macs
+from .cost import module_macs, weight_memory
 from .errors import ConfigError, Int32OverflowWarning, WeightError
 from .expansion import (
     LayerCost,
     allocate_greedy,
     allocate_uniform,
     expand_terms,
+    group_max_error,
     masks_from_norms,
     reconstruct,
     residual_norms,
     select_masks,
     sparse_from_dense,
 )
-from .nn.layers import ActQuantizer, QuantLayer, canonical_weight, make_quant_layer
+from .nn.layers import ActQuantizer, QuantLayer, canonical_weight, is_embedding, is_quantizable, make_quant_layer
 from .quant import WeightQuantizer, check_finite, round_nearest
 from .quant.threads import quant_threads
 from .spec import QuantSpec
-from .trace import trace
+from .trace import TraceResult, trace
 from .transforms import fold_batchnorm, get_module, set_module
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
@@ -88,12 +89,52 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     raise ConfigError("model has no Conv2d or Linear layer: nothing to quantize")
 
 
+def layer_filter(name: str, m: nn.Module) -> bool:
+    """The modules the engine quantizes (``rex.nn.layers.is_quantizable``), for the tracer."""
+    return is_quantizable(m) and not getattr(m, "_rex_wrapped", False)
+
+
+def layer_roles(model: nn.Module, order: list[str]) -> dict[str, str]:
+    """first | last | body for the first/last-layer policy. Embeddings read the network input (ids): they
+    are the first layers, and then the first Linear (which reads a normalised embedding) is a body layer;
+    without embeddings the first weight layer in execution order is the first. The last weight layer that
+    is not an embedding (a classifier, an LM head) is the last."""
+    emb = {n for n in order if is_embedding(get_module(model, n))}
+    rest = [n for n in order if n not in emb]
+    roles = {n: "first" for n in emb}
+    for i, n in enumerate(rest):
+        roles[n] = "first" if i == 0 and not emb else "last" if i == len(rest) - 1 else "body"
+    return roles
+
+
+def module_order_trace(model: nn.Module) -> TraceResult:
+    """A weight-only plan without a forward pass: the quantizable layers in registration order, shapes of
+    one token (so MACs are per token: a Linear costs in x out, an Embedding 0). Used when a weight-only
+    spec (abits=None) gets no example input and the model has no convolution (whose MACs need a spatial
+    size) and no BatchNorm (whose folding needs the data flow)."""
+    tr = TraceResult()
+    for name, mod in model.named_modules():
+        if not layer_filter(name, mod):
+            continue
+        w = canonical_weight(mod)
+        tr.order.append(name)
+        tr.input_range[name] = None
+        tr.input_shape[name] = (1, 1) if is_embedding(mod) else (1, int(w.shape[1]))
+        tr.output_shape[name] = (1, 1, int(w.shape[1])) if is_embedding(mod) else (1, int(w.shape[0]))
+        tr.calls[name] = 1
+    return tr
+
+
+def _needs_forward(model: nn.Module) -> bool:
+    return any(isinstance(x, (nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm)) for x in model.modules())
+
+
 def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
     plans = []
-    n = len(tr.order)
-    for i, name in enumerate(tr.order):
+    roles = layer_roles(model, tr.order)
+    for name in tr.order:
         m = get_module(model, name)
-        role = "first" if i == 0 else "last" if i == n - 1 else "body"
+        role = roles[name]
         wbits, abits, order, quant = spec.wbits, spec.abits, spec.order, True
         if role != "body" and spec.first_last == "8bit":
             wbits, order = max(8, spec.wbits), 1
@@ -101,8 +142,8 @@ def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
         elif role != "body" and spec.first_last == "fp":
             quant, abits, order = False, None, 1
         rng = tr.input_range.get(name)
-        if rng is None:
-            abits = None  # no data-free range: input left in float (recorded in the report)
+        if rng is None or is_embedding(m):
+            abits = None  # no data-free range: input left in float (recorded); an Embedding reads ids
         plans.append(LayerPlan(name, wbits, abits, order, module_macs(m, tr.input_shape[name], tr.output_shape.get(name, ())),
                                canonical_weight(m).shape[0], rng, role, quant))
     return plans
@@ -111,7 +152,7 @@ def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
 def _row_independent(q: WeightQuantizer) -> bool:
     """Plain per-channel symmetric round-to-nearest: each output channel is quantized on its own, so a
     group-sparse expansion can be assembled from the dense one (``sparse_from_dense``)."""
-    return (type(q) is WeightQuantizer and q.symmetric and q.granularity == "per_channel"
+    return (type(q) is WeightQuantizer and q.symmetric and q.granularity in ("per_channel", "per_group")
             and q.rounding is round_nearest)
 
 
@@ -133,8 +174,10 @@ def _allocate(model, plans, spec, quantizer_factory, dense: dict) -> dict[str, l
         costs.append(lc)
     if spec.budget is None:
         return {p.name: [p.channels] * (p.order - 1) for p in plans if p.order > 1}
+    # a layer without MACs (an Embedding's lookup) costs no BOPs: its orders are dense, outside the budget
+    free = {lc.name: [lc.channels] * (lc.order - 1) for lc in costs if lc.macs == 0 and lc.order > 1}
     fn = allocate_greedy if spec.allocation == "greedy" else allocate_uniform
-    return fn(costs, spec.budget, spec.order)
+    return {**fn([lc for lc in costs if lc.name not in free], spec.budget, spec.order), **free}
 
 
 def _layer_terms(w, q, p, counts, criterion, dense: dict):
@@ -180,13 +223,23 @@ def _quantize_model(
     check_model_weights(model)
     m = model if inplace else copy.deepcopy(model)
     m.eval()
-    ex = example_input if example_input is not None else default_example_input(m)
     info = QuantInfo(spec)
     stats: dict = {}
-    if prepare is None:
+    no_forward = example_input is None and spec.abits is None and not _needs_forward(m)
+    if example_input is None and not no_forward and any(is_embedding(x) for x in m.modules()):
+        raise ConfigError(
+            "a model with an Embedding (a transformer) needs example_input for an activation-quantized spec: "
+            "pass the model inputs, e.g. example_input=dict(input_ids=ids, attention_mask=mask) or a tuple; a "
+            "weight-only spec (abits=None) needs none")
+    ex = example_input if example_input is not None or no_forward else default_example_input(m)
+    if no_forward:
+        m, stats = prepare(m, None, stats) if prepare is not None else (m, stats)
+        tr = module_order_trace(m)
+        info.extra["planned_from"] = "module order (no example input): MACs per token"
+    elif prepare is None:
         # one tracing pass serves both folding and ranges: a BN's output range is the same whether it is
         # folded or not, and folding renames nothing
-        tr = trace(m, ex, sigma=spec.sigma, input_range=input_range)
+        tr = trace(m, ex, sigma=spec.sigma, input_range=input_range, layer_filter=layer_filter)
         if spec.fold_bn:
             fr = fold_batchnorm(m, ex, inplace=True, trace_result=tr)
             info.folded = fr.folded
@@ -197,7 +250,7 @@ def _quantize_model(
             fr = fold_batchnorm(m, ex, inplace=True)
             stats, info.folded = fr.output_stats, fr.folded
         m, stats = prepare(m, ex, stats)
-        tr = trace(m, ex, sigma=spec.sigma, input_range=input_range, output_stats=stats)
+        tr = trace(m, ex, sigma=spec.sigma, input_range=input_range, output_stats=stats, layer_filter=layer_filter)
     if not tr.order:
         raise ConfigError("model has no Conv2d or Linear layer reached by the example input: nothing to quantize")
     if range_override:
@@ -205,7 +258,8 @@ def _quantize_model(
             tr.input_range[k] = v
     plans = plan_layers(m, tr, spec)
     if quantizer_factory is None:
-        quantizer_factory = lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity)  # noqa: E731
+        quantizer_factory = lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity,  # noqa: E731
+                                                               group_size=spec.group_size)
     dense: dict = {}
     counts = _allocate(m, plans, spec, quantizer_factory, dense)
     layers: list[QuantLayer] = []
@@ -224,9 +278,12 @@ def _quantize_model(
         rec = reconstruct(terms)
         layer = make_quant_layer(inner, terms, act, p.wbits, name=p.name, mode=spec.mode, dequantized=rec)
         # measured error vs the bound of method.md §2 at each row's effective order
-        err = (w.float() - rec).flatten(1).abs().amax(1)
+        gs = terms[0].qt.group_size
+        err = group_max_error(w, rec, gs)  # per row, or per (row, group)
         n_terms = torch.stack([t.mask for t in terms]).sum(0)
-        s1 = terms[0].qt.channel_scale(w.shape[0])  # order-1 scale per channel
+        if gs:
+            n_terms = n_terms[:, None]  # sparse orders are chosen per output neuron: all its groups
+        s1 = terms[0].qt.channel_scale(w.shape[0])  # order-1 scale per channel (per group: [C, G])
         bound = (s1 / 2) * float(2**p.wbits - 2) ** (-(n_terms.float() - 1))
         layer.max_err = float(err.max())
         layer.bound_max = float(bound.max())
@@ -236,8 +293,10 @@ def _quantize_model(
         set_module(m, p.name, layer)
         layers.append(layer)
     info.plans = plans
+    info.extra["memory"] = weight_memory(m)  # bits per weight incl. scales, zero points, sparse masks
     info.seconds = time.perf_counter() - t0
-    unq = [p.name for p in plans if p.quantize and p.abits is None and spec.abits is not None]
+    unq = [p.name for p in plans if p.quantize and p.abits is None and spec.abits is not None
+           and not is_embedding(get_module(m, p.name).inner)]
     if unq:
         info.notes.append(f"inputs left in float (no data-free range): {', '.join(unq)}")
     if spec.mode == "int":

@@ -41,7 +41,7 @@ def _order_one(spec, name: str, combo: str | None) -> None:
 
 
 def _factory(spec, rounding=None):
-    return lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity, rounding)
+    return lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity, rounding, group_size=spec.group_size)
 
 
 def _squant_rounding(spec):

@@ -9,6 +9,7 @@ Conventions (see docs/method.md §1):
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -89,14 +90,68 @@ def symmetric_scale(x: torch.Tensor, bits: int, axis: int | None = 0) -> torch.T
 
 def asymmetric_qparams(x: torch.Tensor, bits: int, axis: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max affine parameters on [0, 2^b-1]; the range always contains 0 so zero is exact."""
-    qmin, qmax = qrange(bits, signed=False)
     dims = reduce_dims(x, axis)
     lo = x.amin(dim=dims).clamp(max=0) if dims else x.clamp(max=0)
     hi = x.amax(dim=dims).clamp(min=0) if dims else x.clamp(min=0)
+    return _affine_from_range(lo, hi, bits)
+
+
+def _affine_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of the unsigned b-bit grid covering [lo, hi] (lo <= 0 <= hi)."""
+    qmin, qmax = qrange(bits, signed=False)
     scale = ((hi - lo) / (qmax - qmin)).to(torch.float32)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.where(scale > 0, (qmin - torch.round(lo / safe)), torch.zeros_like(scale))
     return scale, zero_point.clamp(qmin, qmax).to(torch.int32)
+
+
+# ---- group-wise scales ---------------------------------------------------------------------------
+# A row (one output channel, flattened over its inputs: C_in x kh x kw for a conv, in_features for a
+# Linear) is cut into groups of ``group_size`` consecutive inputs, each with its own scale. A ragged last
+# group (fan_in not a multiple of group_size, e.g. 576 = 4.5 x 128) is handled: it is simply shorter. It is
+# padded with zeros for the reduction only, which changes no group's statistics (|0| never raises a max;
+# the asymmetric range always contains 0 already).
+
+
+def check_group_size(group_size) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ConfigError(f"group_size must be a positive integer (inputs per scale along a row, e.g. 128), got "
+                          f"{group_size!r}")
+    return group_size
+
+
+def n_groups(fan_in: int, group_size: int) -> int:
+    """Groups per row: ceil(fan_in / group_size) (the last one ragged when it does not divide)."""
+    return -(-fan_in // group_size)
+
+
+def to_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[C, ...] -> [C, G, group_size], zero-padded at the end of each row."""
+    c = x.shape[0]
+    flat = x.reshape(c, -1)
+    g = n_groups(flat.shape[1], group_size)
+    pad = g * group_size - flat.shape[1]
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.reshape(c, g, group_size)
+
+
+def expand_groups(v: torch.Tensor, shape: tuple, group_size: int) -> torch.Tensor:
+    """A per-group tensor [C, G] broadcast to the weight's shape (every input gets its group's value)."""
+    c, fan_in = shape[0], math.prod(shape[1:])
+    return v.repeat_interleave(group_size, dim=1)[:, :fan_in].reshape(shape)
+
+
+def group_symmetric_scale(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """[C, G] scales s = max|x| / qmax over each group (0 for an all-zero group)."""
+    _, qmax = qrange(bits, signed=True)
+    return to_groups(x, group_size).abs().amax(-1).to(torch.float32) / qmax
+
+
+def group_asymmetric_qparams(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[C, G] min/max affine parameters, one pair per group."""
+    xg = to_groups(x, group_size)
+    return _affine_from_range(xg.amin(-1).clamp(max=0), xg.amax(-1).clamp(min=0), bits)
 
 
 def round_nearest(x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
