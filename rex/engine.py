@@ -295,8 +295,13 @@ def _quantize_model(
     info.plans = plans
     info.extra["memory"] = weight_memory(m)  # bits per weight incl. scales, zero points, sparse masks
     info.seconds = time.perf_counter() - t0
-    unq = [p.name for p in plans if p.quantize and p.abits is None and spec.abits is not None
-           and not is_embedding(get_module(m, p.name).inner)]
+    # layer inputs left in float: every quantized layer but embeddings (their input is ids) whose input has
+    # no activation quantizer, by design (weight-only spec) or for want of a data-free range
+    floats = [p.name for p in plans if p.quantize and p.abits is None and not is_embedding(get_module(m, p.name).inner)]
+    info.extra["float_inputs"] = dict(count=len(floats), of=sum(1 for p in plans if p.quantize and not
+                                                                is_embedding(get_module(m, p.name).inner)),
+                                      names=floats)
+    unq = floats if spec.abits is not None else []
     if unq:
         info.notes.append(f"inputs left in float (no data-free range): {', '.join(unq)}")
     if spec.mode == "int":

@@ -20,6 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .cost import _call
+from .ranges import gelu_interval, layer_norm_rule
 
 Interval = Optional[tuple[float, float]]
 
@@ -126,6 +127,10 @@ class _Tracer(TorchFunctionMode):
         if name in ("leaky_relu",):
             slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
             return None if first is None else (min(first[0] * slope, 0.0), max(first[1], 0.0))
+        if name == "layer_norm":  # transformer ranges (rex.ranges): a LayerNorm as a BatchNorm's interval
+            return layer_norm_rule(args, kwargs, self.sigma)
+        if name == "gelu":
+            return gelu_interval(first)
         if name in ("hardswish", "silu", "gelu"):
             return None if first is None else (-0.375, max(first[1], 0.0))
         if name in ("add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "__isub__"):
