@@ -217,16 +217,22 @@ def layer_weight_memory(layer, name: str = "") -> WeightMemory:
 
 def weight_memory(model: nn.Module) -> dict:
     """Bits per weight of a quantized model: per quantized layer and for the model (quantized layers'
-    weights only, ``bits_per_weight``; and with every other weight layer at 32 bits, ``bits_per_weight_all``)."""
+    weights only, ``bits_per_weight``; without the embedding tables, which the first/last policy may keep
+    at 8 bits and which dominate a small transformer, ``bits_per_weight_no_embeddings``; and with every
+    other weight layer at 32 bits, ``bits_per_weight_all``)."""
     from .nn.layers import QuantLayer
 
-    rows = [layer_weight_memory(m, n) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+    rows = [layer_weight_memory(m, n) for n, m in layers]
     float_weights = sum(m.weight.numel() for m in model.modules() if _is_costed(m) and not isinstance(m, QuantLayer))
     qw = sum(r.weights for r in rows)
     qb = sum(r.bits for r in rows)
+    mm = [r for r, (_, m) in zip(rows, layers) if not getattr(m, "embedding", False)]  # matmul layers only
+    mw, mb = sum(r.weights for r in mm), sum(r.bits for r in mm)
     return dict(
         scale_bits=SCALE_BITS,
         bits_per_weight=(qb / qw) if qw else None,
+        bits_per_weight_no_embeddings=(mb / mw) if mw else None,
         bits_per_weight_all=((qb + 32 * float_weights) / (qw + float_weights)) if qw + float_weights else None,
         quantized_weights=qw, float_weights=float_weights,
         per_layer={r.name: round(r.bits_per_weight, 6) for r in rows},

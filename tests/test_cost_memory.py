@@ -23,6 +23,7 @@ def test_w4_k2_dense_is_8_bits_plus_two_scales_per_row():
     total = sum(w * (8 + 32 / f) for w, f in ((64 * 32, 64), (32 * 48, 32), (48 * 8, 48)))
     assert mem["bits_per_weight"] == pytest.approx(total / (64 * 32 + 32 * 48 + 48 * 8))
     assert mem == weight_memory(q)
+    assert mem["bits_per_weight_no_embeddings"] == mem["bits_per_weight"]  # no embedding here
 
 
 def test_budget_gives_fractional_bits_with_masks():
@@ -76,3 +77,12 @@ def test_attention_matmuls_are_counted_32x32(impl):
     assert all(r.wbits == r.abits == 32 and r.bops == r.macs * 32 * 32 for r in mm)
     linear = [r for r in t if r.kind == "Linear"]
     assert len(linear) == 2 * 6 + 1 and linear[0].macs == 12 * 32 * 32
+    # weight-only W4 K=2: the embedding tables (8-bit, first layers) are apart in the no-embeddings figure
+    mem = rex.quantize(model, wbits=4, abits=None, order=2).rex_info.extra["memory"]
+    assert mem["per_layer"]["embeddings.word_embeddings"] == pytest.approx(8 + 16 / 32)
+    # per encoder layer: q, k, v, o (32x32, fan-in 32), intermediate (64x32, fan-in 32), output (32x64, fan-in
+    # 64) at W4 K=2 = 8 + 2 x 16 / fan_in bits; the pooler (last, 32x32) at W8 = 8 + 16 / 32
+    layer_bits = 4 * 1024 * (8 + 1) + 2048 * (8 + 1) + 2048 * (8 + 0.5)
+    want = (2 * layer_bits + 1024 * 8.5) / (2 * 8192 + 1024)
+    assert mem["bits_per_weight_no_embeddings"] == pytest.approx(want)
+    assert mem["bits_per_weight_no_embeddings"] != pytest.approx(mem["bits_per_weight"])
