@@ -125,7 +125,7 @@ def group_max_error(weight: torch.Tensor, approx: torch.Tensor, group_size: Opti
     """max |W - W(K)| per row ([C_out]) or, with ``group_size``, per (row, group) ([C_out, G])."""
     from .quant import to_groups
 
-    e = (weight.detach().float() - approx).abs()
+    e = (weight.detach().float() - approx).abs_()
     return to_groups(e, group_size).amax(-1) if group_size else e.flatten(1).amax(1)
 
 

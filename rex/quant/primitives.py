@@ -79,7 +79,10 @@ def absmax(x: torch.Tensor, axis: int | None = 0) -> torch.Tensor:
     if x.numel() == 0:
         raise WeightError("cannot quantize an empty tensor")
     dims = reduce_dims(x, axis)
-    return x.abs().amax(dim=dims) if dims else x.abs()
+    if not dims:
+        return x.abs()
+    # max|x| = max(max x, -min x): two reductions, no |x| tensor (same value, bit for bit)
+    return torch.maximum(x.amax(dim=dims), x.amin(dim=dims).neg())
 
 
 def symmetric_scale(x: torch.Tensor, bits: int, axis: int | None = 0) -> torch.Tensor:
@@ -156,7 +159,7 @@ def group_asymmetric_qparams(x: torch.Tensor, bits: int, group_size: int) -> tup
 
 def round_nearest(x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Round-to-nearest (ties to even) then clamp: the default rounding rule."""
-    return torch.clamp(torch.round(x), qmin, qmax)
+    return torch.round(x).clamp_(qmin, qmax)  # the clamp in place: one tensor, not two
 
 
 def quantize_affine(
@@ -188,10 +191,11 @@ def dequantize_affine(
     q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None, axis: int | None = 0
 ) -> torch.Tensor:
     s = _expand_to(scale, q, axis)
-    qf = q.to(torch.float32)
+    # a tensor of our own (never the caller's q), updated in place below
+    qf = q.to(torch.float32) if q.dtype != torch.float32 else q.clone()
     if zero_point is not None:
-        qf = qf - _expand_to(zero_point, q, axis).to(torch.float32)
-    return qf * s
+        qf = qf.sub_(_expand_to(zero_point, q, axis).to(torch.float32))
+    return qf.mul_(s) if s.dim() <= qf.dim() and torch.broadcast_shapes(s.shape, qf.shape) == qf.shape else qf * s
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
