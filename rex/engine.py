@@ -19,22 +19,24 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .cost import module_macs
+from .cost import module_macs, weight_memory
 from .errors import ConfigError, Int32OverflowWarning, WeightError
 from .expansion import (
     LayerCost,
     allocate_greedy,
     allocate_uniform,
     expand_terms,
+    group_max_error,
     masks_from_norms,
     reconstruct,
     residual_norms,
     select_masks,
     sparse_from_dense,
 )
-from .nn.layers import ActQuantizer, QuantLayer, canonical_weight, make_quant_layer
+from .nn.layers import ActQuantizer, QuantLayer, canonical_weight, is_embedding, is_quantizable, make_quant_layer
 from .quant import WeightQuantizer, check_finite, round_nearest
-from .trace import ranges
+from .quant.threads import quant_threads
+from .trace import TraceResult, ranges
 from .transforms import Context, FoldBatchNorm, Transform, finish_transforms, get_module, set_module, run_transforms
 
 if TYPE_CHECKING:  # annotations only: the engine does not import the spec (spec -> methods -> engine)
@@ -89,12 +91,52 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     raise ConfigError("model has no Conv2d or Linear layer: nothing to quantize")
 
 
+def layer_filter(name: str, m: nn.Module) -> bool:
+    """The modules the engine quantizes (``rex.nn.layers.is_quantizable``), for the tracer."""
+    return is_quantizable(m) and not getattr(m, "_rex_wrapped", False)
+
+
+def layer_roles(model: nn.Module, order: list[str]) -> dict[str, str]:
+    """first | last | body for the first/last-layer policy. Embeddings read the network input (ids): they
+    are the first layers, and then the first Linear (which reads a normalised embedding) is a body layer;
+    without embeddings the first weight layer in execution order is the first. The last weight layer that
+    is not an embedding (a classifier, an LM head) is the last."""
+    emb = {n for n in order if is_embedding(get_module(model, n))}
+    rest = [n for n in order if n not in emb]
+    roles = {n: "first" for n in emb}
+    for i, n in enumerate(rest):
+        roles[n] = "first" if i == 0 and not emb else "last" if i == len(rest) - 1 else "body"
+    return roles
+
+
+def module_order_trace(model: nn.Module) -> TraceResult:
+    """A weight-only plan without a forward pass: the quantizable layers in registration order, shapes of
+    one token (so MACs are per token: a Linear costs in x out, an Embedding 0). Used when a weight-only
+    spec (abits=None) gets no example input and the model has no convolution (whose MACs need a spatial
+    size) and no BatchNorm (whose folding needs the data flow)."""
+    tr = TraceResult()
+    for name, mod in model.named_modules():
+        if not layer_filter(name, mod):
+            continue
+        w = canonical_weight(mod)
+        tr.order.append(name)
+        tr.input_range[name] = None
+        tr.input_shape[name] = (1, 1) if is_embedding(mod) else (1, int(w.shape[1]))
+        tr.output_shape[name] = (1, 1, int(w.shape[1])) if is_embedding(mod) else (1, int(w.shape[0]))
+        tr.calls[name] = 1
+    return tr
+
+
+def _needs_forward(model: nn.Module) -> bool:
+    return any(isinstance(x, (nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm)) for x in model.modules())
+
+
 def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
     plans = []
-    n = len(tr.order)
-    for i, name in enumerate(tr.order):
+    roles = layer_roles(model, tr.order)
+    for name in tr.order:
         m = get_module(model, name)
-        role = "first" if i == 0 else "last" if i == n - 1 else "body"
+        role = roles[name]
         wbits, abits, order, quant = spec.wbits, spec.abits, spec.order, True
         if role != "body" and spec.first_last == "8bit":
             wbits, order = max(8, spec.wbits), 1
@@ -102,8 +144,8 @@ def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
         elif role != "body" and spec.first_last == "fp":
             quant, abits, order = False, None, 1
         rng = tr.input_range.get(name)
-        if rng is None:
-            abits = None  # no data-free range: input left in float (recorded in the report)
+        if rng is None or is_embedding(m):
+            abits = None  # no data-free range: input left in float (recorded); an Embedding reads ids
         plans.append(LayerPlan(name, wbits, abits, order, module_macs(m, tr.input_shape[name], tr.output_shape.get(name, ())),
                                canonical_weight(m).shape[0], rng, role, quant))
     return plans
@@ -112,7 +154,7 @@ def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
 def _row_independent(q: WeightQuantizer) -> bool:
     """Plain per-channel symmetric round-to-nearest: each output channel is quantized on its own, so a
     group-sparse expansion can be assembled from the dense one (``sparse_from_dense``)."""
-    return (type(q) is WeightQuantizer and q.symmetric and q.granularity == "per_channel"
+    return (type(q) is WeightQuantizer and q.symmetric and q.granularity in ("per_channel", "per_group")
             and q.rounding is round_nearest)
 
 
@@ -134,8 +176,10 @@ def _allocate(model, plans, spec, quantizer_factory, dense: dict) -> dict[str, l
         costs.append(lc)
     if spec.budget is None:
         return {p.name: [p.channels] * (p.order - 1) for p in plans if p.order > 1}
+    # a layer without MACs (an Embedding's lookup) costs no BOPs: its orders are dense, outside the budget
+    free = {lc.name: [lc.channels] * (lc.order - 1) for lc in costs if lc.macs == 0 and lc.order > 1}
     fn = allocate_greedy if spec.allocation == "greedy" else allocate_uniform
-    return fn(costs, spec.budget, spec.order)
+    return {**fn([lc for lc in costs if lc.name not in free], spec.budget, spec.order), **free}
 
 
 def _layer_terms(w, q, p, counts, criterion, dense: dict):
@@ -153,7 +197,18 @@ def _layer_terms(w, q, p, counts, criterion, dense: dict):
     return expand_terms(w, q, p.order, masks, name=p.name)
 
 
-def quantize_model(
+def quantize_model(model: nn.Module, spec: QuantSpec, example_input=None, *args, **kwargs) -> nn.Module:
+    """Quantize ``model`` under ``spec`` (steps 1-7 above) and return the quantized copy with ``rex_info``.
+
+    The math runs single-threaded (``rex.quant.threads``: thread contention made a 2-thread run ~10x
+    slower than a 1-thread one on a loaded machine); the caller's torch thread count is restored."""
+    with quant_threads():
+        m = _quantize_model(model, spec, example_input, *args, **kwargs)
+        m.rex_info.extra["quant_threads"] = torch.get_num_threads()
+    return m
+
+
+def _quantize_model(
     model: nn.Module,
     spec: QuantSpec,
     example_input=None,
@@ -170,11 +225,23 @@ def quantize_model(
     check_model_weights(model)
     m = model if inplace else copy.deepcopy(model)
     m.eval()
-    ex = example_input if example_input is not None else default_example_input(m)
     info = QuantInfo(spec)
-    ctx = Context(ex)
+    no_forward = example_input is None and spec.abits is None and not _needs_forward(m)
+    if example_input is None and not no_forward and any(is_embedding(x) for x in m.modules()):
+        raise ConfigError(
+            "a model with an Embedding (a transformer) needs example_input for an activation-quantized spec: "
+            "pass the model inputs, e.g. example_input=dict(input_ids=ids, attention_mask=mask) or a tuple; a "
+            "weight-only spec (abits=None) needs none")
+    ex = example_input if example_input is not None or no_forward else default_example_input(m)
+    ctx = Context(ex, layer_filter=layer_filter)
     fold = [FoldBatchNorm()] if spec.fold_bn else []
-    if transforms is None:
+    if no_forward:
+        if transforms:
+            raise ConfigError(f"{spec.method} rewrites the model with transforms that trace it "
+                              f"({', '.join(type(t).__name__ for t in transforms)}): pass example_input")
+        tr = module_order_trace(m)
+        info.extra["planned_from"] = "module order (no example input): MACs per token"
+    elif transforms is None:
         # no preparation: one recording serves both folding and ranges: a BN's output range is the same whether it is
         # folded or not, and folding renames nothing
         tr = ranges(ctx.graph(m), sigma=spec.sigma, input_range=input_range)
@@ -194,7 +261,8 @@ def quantize_model(
             tr.input_range[k] = v
     plans = plan_layers(m, tr, spec)
     if quantizer_factory is None:
-        quantizer_factory = lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity)  # noqa: E731
+        quantizer_factory = lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity,  # noqa: E731
+                                                               group_size=spec.group_size)
     dense: dict = {}
     counts = _allocate(m, plans, spec, quantizer_factory, dense)
     layers: list[QuantLayer] = []
@@ -210,11 +278,15 @@ def quantize_model(
         if p.abits is not None and p.input_range is not None:
             act = ActQuantizer(p.abits, p.input_range[0], p.input_range[1],
                                source="input" if p.role == "first" else "bn-propagated")
-        layer = make_quant_layer(inner, terms, act, p.wbits, name=p.name, mode=spec.mode)
+        rec = reconstruct(terms)
+        layer = make_quant_layer(inner, terms, act, p.wbits, name=p.name, mode=spec.mode, dequantized=rec)
         # measured error vs the bound of method.md §2 at each row's effective order
-        err = (w.float() - reconstruct(terms)).flatten(1).abs().amax(1)
+        gs = terms[0].qt.group_size
+        err = group_max_error(w, rec, gs)  # per row, or per (row, group)
         n_terms = torch.stack([t.mask for t in terms]).sum(0)
-        s1 = terms[0].qt.channel_scale(w.shape[0])  # order-1 scale per channel
+        if gs:
+            n_terms = n_terms[:, None]  # sparse orders are chosen per output neuron: all its groups
+        s1 = terms[0].qt.channel_scale(w.shape[0])  # order-1 scale per channel (per group: [C, G])
         bound = (s1 / 2) * float(2**p.wbits - 2) ** (-(n_terms.float() - 1))
         layer.max_err = float(err.max())
         layer.bound_max = float(bound.max())
@@ -224,8 +296,15 @@ def quantize_model(
         set_module(m, p.name, layer)
         layers.append(layer)
     info.plans = plans
+    info.extra["memory"] = weight_memory(m)  # bits per weight incl. scales, zero points, sparse masks
     info.seconds = time.perf_counter() - t0
-    unq = [p.name for p in plans if p.quantize and p.abits is None and spec.abits is not None]
+    # layer inputs left in float: every quantized layer but embeddings (their input is ids) whose input has
+    # no activation quantizer, by design (weight-only spec) or for want of a data-free range
+    floats = [p.name for p in plans if p.quantize and p.abits is None and not is_embedding(get_module(m, p.name).inner)]
+    info.extra["float_inputs"] = dict(count=len(floats), of=sum(1 for p in plans if p.quantize and not
+                                                                is_embedding(get_module(m, p.name).inner)),
+                                      names=floats)
+    unq = floats if spec.abits is not None else []
     if unq:
         info.notes.append(f"inputs left in float (no data-free range): {', '.join(unq)}")
     if spec.abits is not None and tr.unknown_note():
@@ -234,7 +313,7 @@ def quantize_model(
         note = int32_note(layers)
         if note:
             info.notes.append(note)
-            warnings.warn(note, Int32OverflowWarning, stacklevel=2)
+            warnings.warn(note, Int32OverflowWarning, stacklevel=3)
     m.rex_info = info
     finish_transforms(m, transforms or (), ctx)
     info.transforms = ctx.info

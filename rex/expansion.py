@@ -2,7 +2,7 @@
 
     R(1) = Q_b(W),   R(k) = Q_b(W - sum_{j<k} R(j)),   W ~ sum_k R(k)
 
-Each order has its own per-channel scale. With masks, order k is kept only for the selected output
+Each order has its own per-channel (or per-group) scale. With masks, order k is kept only for the selected output
 channels (neurons); the residual of a neuron is always computed from what was actually kept, so a neuron
 skipped at order k is a candidate again at order k+1.
 """
@@ -35,6 +35,8 @@ class ExpansionTerm:
 
     def dequantize(self) -> torch.Tensor:
         w = self.qt.dequantize()
+        if bool(self.mask.all()):  # x * 1 == x: skip the pass
+            return w
         return w * _rows(self.mask, w).to(w.dtype)
 
 
@@ -61,35 +63,41 @@ def expand_terms(
     check_finite(weight, name)
     w = weight.detach().to(torch.float32)
     c_out = w.shape[0]
-    residual = w.clone()
+    residual = w  # rebound below, never written in place
     terms: list[ExpansionTerm] = []
     for k in range(order):
         mask = None if masks is None or k == 0 else masks[k]
         mask = torch.ones(c_out, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-        if k > 0 and not mask.any():
-            terms.append(ExpansionTerm(_zero_qtensor(w, quantizer.bits), mask))
+        full = bool(mask.all())
+        if k > 0 and not full and not mask.any():
+            terms.append(ExpansionTerm(_zero_qtensor(w, quantizer.bits, getattr(quantizer, "group_size", None)), mask))
             continue
-        # the scale of a sparse order is computed from the rows it keeps (per channel this changes nothing)
-        target = residual * _rows(mask, residual).to(residual.dtype)
+        # the scale of a sparse order is computed from the rows it keeps (per channel this changes nothing);
+        # a full mask multiplies by one, skipped
+        target = residual if full else residual * _rows(mask, residual).to(residual.dtype)
         qt = quantizer(target, name=f"{name} (order {k + 1})", check=False)  # checked once above
-        if qt.zero_point is None:
+        if qt.zero_point is None and not full:
             qt.q = qt.q * _rows(mask, qt.q).to(qt.q.dtype)
         term = ExpansionTerm(qt, mask)
-        residual = residual - term.dequantize()
+        if k + 1 < order:  # the last residual is never read
+            residual = residual - term.dequantize()
         terms.append(term)
     return terms
 
 
-def _zero_qtensor(w: torch.Tensor, bits: int) -> QTensor:
-    from .quant import int_dtype
+def _zero_qtensor(w: torch.Tensor, bits: int, group_size: Optional[int] = None) -> QTensor:
+    from .quant import int_dtype, n_groups
 
-    return QTensor(torch.zeros_like(w, dtype=int_dtype(bits)), torch.zeros(w.shape[0]), None, bits)
+    scale = torch.zeros(w.shape[0]) if not group_size else torch.zeros(w.shape[0], n_groups(w[0].numel(), group_size))
+    return QTensor(torch.zeros_like(w, dtype=int_dtype(bits)), scale, None, bits, group_size)
 
 
-def expand(weight: torch.Tensor, bits: int, order: int, granularity: str = "per_channel") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The bare expansion of one tensor: ``[(q_k int tensor, s_k per-channel scale), ...]`` with
-    ``weight ~ sum_k s_k[:, None, ...] * q_k``. Symmetric per-channel round-to-nearest operator."""
-    quantizer = WeightQuantizer(bits, symmetric=True, granularity=granularity)
+def expand(weight: torch.Tensor, bits: int, order: int, granularity: str = "per_channel",
+           group_size: Optional[int] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The bare expansion of one tensor: ``[(q_k int tensor, s_k scale), ...]`` with
+    ``weight ~ sum_k s_k[:, None, ...] * q_k`` (per channel; per group, s_k is [C_out, G] and applies to
+    ``group_size`` consecutive inputs of a row). Symmetric round-to-nearest operator."""
+    quantizer = WeightQuantizer(bits, symmetric=True, granularity=granularity, group_size=group_size)
     return [(t.qt.q, t.qt.channel_scale(weight.shape[0])) for t in expand_terms(weight, quantizer, order)]
 
 
@@ -101,13 +109,24 @@ def reconstruct(terms: Sequence[ExpansionTerm]) -> torch.Tensor:
     return out
 
 
-def error_bound(weight: torch.Tensor, bits: int, order: int) -> torch.Tensor:
+def error_bound(weight: torch.Tensor, bits: int, order: int, group_size: Optional[int] = None) -> torch.Tensor:
     """Per-channel bound of method.md §2: ||W_i - W(K)_i||_inf <= (s_i/2) (2^b - 2)^-(K-1), s_i the order-1
-    symmetric scale. Holds for the symmetric round-to-nearest operator with dense expansion."""
-    from .quant import symmetric_scale
+    symmetric scale. Holds for the symmetric round-to-nearest operator with dense expansion. With
+    ``group_size`` the same argument holds group by group (every order re-quantizes each group with its own
+    scale, so |E_g(k)| <= s_g(k)/2 and s_g(k+1) <= s_g(k) / (2 qmax)): a [C_out, G] bound per group."""
+    from .quant import group_symmetric_scale, symmetric_scale
 
-    s1 = symmetric_scale(weight.detach().float(), bits, 0)
+    w = weight.detach().float()
+    s1 = group_symmetric_scale(w, bits, group_size) if group_size else symmetric_scale(w, bits, 0)
     return (s1 / 2) * float(2**bits - 2) ** (-(order - 1))
+
+
+def group_max_error(weight: torch.Tensor, approx: torch.Tensor, group_size: Optional[int] = None) -> torch.Tensor:
+    """max |W - W(K)| per row ([C_out]) or, with ``group_size``, per (row, group) ([C_out, G])."""
+    from .quant import to_groups
+
+    e = (weight.detach().float() - approx).abs_()
+    return to_groups(e, group_size).amax(-1) if group_size else e.flatten(1).amax(1)
 
 
 def residual_norms(terms: Sequence[ExpansionTerm], weight: torch.Tensor) -> torch.Tensor:
@@ -147,7 +166,7 @@ def sparse_from_dense(dense: Sequence[ExpansionTerm], masks: Sequence[Optional[t
     dense term, n_c the number of terms c kept before order k. Rows outside a mask are exactly zero (q = 0,
     s = 0), as in ``expand_terms``."""
     if any(t.qt.zero_point is not None or t.qt.scale.dim() == 0 for t in dense):
-        raise ValueError("sparse_from_dense needs a per-channel symmetric expansion")
+        raise ValueError("sparse_from_dense needs a per-channel (or per-group) symmetric expansion")
     c_out = dense[0].qt.q.shape[0]
     qs = torch.stack([t.qt.q for t in dense])          # [K, C, ...]
     ss = torch.stack([t.qt.scale for t in dense])      # [K, C]
@@ -158,8 +177,8 @@ def sparse_from_dense(dense: Sequence[ExpansionTerm], masks: Sequence[Optional[t
         mask = torch.ones(c_out, dtype=torch.bool) if k == 0 or masks[k] is None else masks[k].to(torch.bool)
         idx = kept.clamp(max=len(dense) - 1)
         q = qs[idx, rows] * _rows(mask, qs[0]).to(qs.dtype)
-        s = ss[idx, rows] * mask.to(ss.dtype)
-        out.append(ExpansionTerm(QTensor(q, s, None, dense[k].qt.bits), mask))
+        s = ss[idx, rows] * _rows(mask, ss[0]).to(ss.dtype)
+        out.append(ExpansionTerm(QTensor(q, s, None, dense[k].qt.bits, dense[k].qt.group_size), mask))
         kept = kept + mask.long()
     return out
 

@@ -15,7 +15,7 @@ from .methods import method_config, method_names
 from .quant import check_bits
 
 ALLOCATIONS = ("uniform", "greedy")
-GRANULARITIES = ("per_channel", "per_tensor")
+GRANULARITIES = ("per_channel", "per_tensor", "per_group")
 MODES = ("fake", "int")
 FIRST_LAST = ("8bit", "same", "fp")
 CRITERIA = ("residual", "weight")
@@ -44,7 +44,8 @@ class QuantSpec:
     order        expansion order K (1 = plain quantization)
     budget       None (dense expansion) or a BOPs ratio >= 1 relative to plain W_b/A_a, or absolute BOPs
     allocation   'uniform' (same density in every layer, the paper's) or 'greedy' (error reduction per BOP)
-    granularity  weight scales 'per_channel' or 'per_tensor'
+    granularity  weight scales 'per_channel', 'per_tensor' or 'per_group' (with group_size)
+    group_size   per_group only: inputs per scale along a row (e.g. 128; a ragged last group is shorter)
     symmetric    symmetric weight grid (False: asymmetric with zero point)
     mode         'fake' (one float conv per layer) or 'int' (integer-exact simulation)
     first_last   '8bit': first/last layers W8A8, order 1; 'same': quantized like the rest; 'fp': left float
@@ -71,6 +72,7 @@ class QuantSpec:
     fold_bn: bool = True
     seed: int = 0
     options: dict = field(default_factory=dict)
+    group_size: Optional[int] = None
 
     def __post_init__(self):
         if not isinstance(self.method, str):
@@ -109,6 +111,13 @@ class QuantSpec:
                              ("first_last", FIRST_LAST), ("criterion", CRITERIA)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.granularity == "per_group" and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                                or self.group_size < 1):
+            raise ConfigError(f"granularity='per_group' needs group_size, a positive integer (inputs per scale along "
+                              f"a row, e.g. 128), got {self.group_size!r}")
+        if self.granularity != "per_group" and self.group_size is not None:
+            raise ConfigError(f"group_size={self.group_size!r} needs granularity='per_group' (got "
+                              f"{self.granularity!r}); drop group_size or set granularity='per_group'")
         if self.act_sigma is not None and (isinstance(self.act_sigma, bool) or not isinstance(self.act_sigma, (int, float))
                                            or not math.isfinite(self.act_sigma) or not self.act_sigma > 0):
             raise ConfigError(f"act_sigma must be a finite number > 0 (n in beta + n|gamma|, e.g. 6) or None (by "
@@ -174,6 +183,8 @@ class QuantSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if d["group_size"] is None:  # absent unless per_group, so the hashes of earlier specs are unchanged
+            del d["group_size"]
         d["act_sigma_effective"] = self.sigma
         return d
 
@@ -187,4 +198,5 @@ class QuantSpec:
 
 # keys of the pipeline's config groups that map onto QuantSpec fields (``QuantSpec.from_config``)
 METHOD_KEYS = ("name", "display", "wbits", "abits", "order", "budget", "allocation", "options")
-PROTOCOL_KEYS = ("granularity", "symmetric", "mode", "first_last", "act_sigma", "criterion", "fold_bn", "seed")
+PROTOCOL_KEYS = ("granularity", "group_size", "symmetric", "mode", "first_last", "act_sigma", "criterion", "fold_bn",
+                 "seed")

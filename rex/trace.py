@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .graph import Graph, is_weight_layer, record  # noqa: F401  (is_weight_layer: re-exported)
+from .ranges import gelu_interval, layer_norm_rule
 
 Interval = Optional[tuple[float, float]]
 
@@ -138,7 +139,10 @@ RANGE_RULES: dict[str, Callable] = {
     "tanh": _const(-1.0, 1.0),
     "prelu": _prelu,
     "leaky_relu": _leaky_relu,
-    **{k: _swish for k in ("hardswish", "silu", "gelu")},
+    **{k: _swish for k in ("hardswish", "silu")},
+    # transformer ranges (rex.ranges): a LayerNorm's affine parameters as a BatchNorm's; GELU's exact image
+    "layer_norm": lambda n, ivs, value, sigma: layer_norm_rule(n.args, n.kwargs, sigma),
+    "gelu": lambda n, ivs, value, sigma: gelu_interval(_first(ivs)),
     **{k: _arith for k in ("add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "__isub__")},
     **{k: _mul for k in ("mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__")},
     **{k: _hull for k in _PASSTHROUGH},

@@ -26,7 +26,8 @@ class SQuantConfig(MethodConfig):
 def squant_factory(spec, cfg: SQuantConfig):
     """(bits, layer name) -> the weight operator with SQuant rounding."""
     rounding = make_squant_rounding(cfg.squant_stages)
-    return lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity, rounding)
+    return lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity, rounding,
+                                              group_size=spec.group_size)
 
 
 def _quantize(model, spec, example_input, input_range):

@@ -1,2 +1,10 @@
 """Quantized layers swapped in eagerly: activation quantizer + expanded weight, fake or integer-exact."""
-from .layers import ActQuantizer, QuantConv2d, QuantConvTranspose2d, QuantLayer, QuantLinear  # noqa: F401
+from .layers import (  # noqa: F401
+    ActQuantizer,
+    QuantConv1D,
+    QuantConv2d,
+    QuantConvTranspose2d,
+    QuantEmbedding,
+    QuantLayer,
+    QuantLinear,
+)

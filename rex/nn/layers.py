@@ -14,16 +14,18 @@ Two execution modes (method.md §6):
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import warnings
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from ..expansion import ExpansionTerm
-from ..quant import qrange
+from ..quant import expand_groups, qrange
 
 MODES = ("fake", "int")
 
@@ -33,14 +35,44 @@ def is_conv(m: nn.Module) -> bool:
     return isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
 
 
+def is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2 and relatives): a linear layer whose weight is stored transposed,
+    (in_features x out_features), computing ``x @ W + b``. Detected without importing transformers: if a
+    model holds one, transformers is already imported."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(mod, "Conv1D", None) if mod is not None else None
+    return cls is not None and isinstance(m, cls)
+
+
+def is_embedding(m: nn.Module) -> bool:
+    """A lookup table (token / position embeddings): quantized per row (one scale per embedding vector, the
+    row an input id selects), never an activation quantizer (its input is integer ids), zero MACs."""
+    return isinstance(m, nn.Embedding)
+
+
+def is_quantizable(m: nn.Module) -> bool:
+    """The layers the engine quantizes: Conv2d (any groups), ConvTranspose2d (groups = 1), Linear, Hugging
+    Face Conv1D, Embedding."""
+    return (isinstance(m, (nn.Conv2d, nn.Linear)) or (isinstance(m, nn.ConvTranspose2d) and m.groups == 1)
+            or is_hf_conv1d(m) or is_embedding(m))
+
+
+def weight_transposed(m: nn.Module) -> bool:
+    """True when the module stores its weight input-first (ConvTranspose2d, HF Conv1D)."""
+    return isinstance(m, nn.ConvTranspose2d) or is_hf_conv1d(m)
+
+
 def canonical_weight(m: nn.Module) -> torch.Tensor:
     """The weight with output channels first, the layout every quantizer here works in. ConvTranspose2d
-    stores (C_in, C_out, kh, kw): its canonical form is the transpose (groups = 1 only)."""
+    stores (C_in, C_out, kh, kw) and HF Conv1D (in, out): their canonical form is the transpose
+    (ConvTranspose2d: groups = 1 only). An Embedding's rows (one per id) are its output channels."""
     w = m.weight.detach()
     if isinstance(m, nn.ConvTranspose2d):
         if m.groups != 1:
             raise ValueError("grouped ConvTranspose2d is not supported")
         return w.transpose(0, 1)
+    if is_hf_conv1d(m):
+        return w.t()
     return w
 
 
@@ -163,6 +195,7 @@ class QuantLayer(nn.Module):
         name: str = "",
         mode: str = "fake",
         bound: Optional[torch.Tensor] = None,
+        dequantized: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -174,8 +207,12 @@ class QuantLayer(nn.Module):
         self.layer_name = name
         self.mode = mode
         self.order = len(terms)
-        self.transposed = isinstance(inner, nn.ConvTranspose2d)
+        self.transposed = weight_transposed(inner)
+        self.embedding = is_embedding(inner)
+        if self.embedding and act is not None:
+            raise ValueError(f"layer {name}: an Embedding reads integer ids, its input cannot be quantized")
         self._wshape = tuple(canonical_weight(inner).shape)  # output channels first
+        self.group_size = terms[0].qt.group_size if terms else None  # None: one scale per output channel
         for k, t in enumerate(terms):
             self.register_buffer(f"q{k}", t.qt.q)
             self.register_buffer(f"s{k}", t.qt.channel_scale(t.qt.q.shape[0]).float())
@@ -183,7 +220,12 @@ class QuantLayer(nn.Module):
             self.register_buffer(f"m{k}", t.mask)
         self.register_buffer("bound", bound)
         self.active_terms: Optional[list[int]] = None
-        self._refresh_weight()
+        if dequantized is not None:  # the caller's sum of the terms (rex.expansion.reconstruct): not recomputed
+            if tuple(dequantized.shape) != self._wshape:
+                raise ValueError(f"dequantized weight of shape {tuple(dequantized.shape)} does not match {self._wshape}")
+            self.inner.weight = nn.Parameter(self.inner_layout(dequantized.float()), requires_grad=False)
+        else:
+            self._refresh_weight()
 
     # -- structure -------------------------------------------------------------------------------
     @property
@@ -209,10 +251,16 @@ class QuantLayer(nn.Module):
             return v.reshape([1, -1] + [1] * (ndim - 2))
         return v.reshape([1] * (ndim - 1) + [-1])
 
+    def _per_weight(self, v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """A per-channel ([C]) or per-group ([C, G]) scale / zero point, broadcastable against q."""
+        if self.group_size:
+            return expand_groups(v, tuple(q.shape), self.group_size)
+        return v.reshape([-1] + [1] * (q.dim() - 1)) if v.dim() > 0 else v
+
     def term_weight(self, k: int) -> torch.Tensor:
         q, s, z, m = self.term(k)
-        qf = q.float() - (z.reshape([-1] + [1] * (q.dim() - 1)).float() if z is not None and z.dim() > 0 else (z.float() if z is not None else 0.0))
-        w = qf * s.reshape([-1] + [1] * (q.dim() - 1))
+        qf = q.float() - (self._per_weight(z, q).float() if z is not None else 0.0)
+        w = qf * self._per_weight(s, q)
         return w * m.reshape([-1] + [1] * (q.dim() - 1)).to(w.dtype)
 
     def dequantized_weight(self, terms: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -237,7 +285,8 @@ class QuantLayer(nn.Module):
         for k in range(self.order):
             q, s, z, m = self.term(k)
             rows = int(m.sum())
-            total += rows * per_row * self.wbits + rows * 32
+            scales = s.shape[1] if self.group_size else 1  # per row
+            total += rows * per_row * self.wbits + rows * scales * 32
         return total
 
     # -- integer safety --------------------------------------------------------------------------
@@ -260,6 +309,8 @@ class QuantLayer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embedding:  # a lookup of s_row * q_row: the same float in both modes
+            return self.inner(x)
         if self.mode == "int":
             return self.forward_int(x)
         if self.act is not None:
@@ -268,7 +319,9 @@ class QuantLayer(nn.Module):
 
     def _int_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Integer weights (zero point removed, mask applied) of the active terms, as float64 values, with
-        their per-channel scales."""
+        their per-channel scales. Per group, every (term, group) is its own integer weight (the term's
+        integers on that group's inputs, zero elsewhere) with the group's scale per channel: one integer
+        accumulator per group, rescaled and summed in float, as a group-wise int kernel does."""
         ws = []
         for k in self._terms():
             q, s, z, m = self.term(k)
@@ -276,8 +329,17 @@ class QuantLayer(nn.Module):
                 continue
             qw = q.double()
             if z is not None:
-                qw = qw - (z.reshape([-1] + [1] * (q.dim() - 1)).double() if z.dim() > 0 else z.double())
-            ws.append((qw * m.reshape([-1] + [1] * (q.dim() - 1)).double(), s.double()))
+                qw = qw - self._per_weight(z, q).double()
+            qw = qw * m.reshape([-1] + [1] * (q.dim() - 1)).double()
+            if not self.group_size:
+                ws.append((qw, s.double()))
+                continue
+            flat = qw.reshape(qw.shape[0], -1)
+            for g in range(s.shape[1]):
+                part = torch.zeros_like(flat)
+                cols = slice(g * self.group_size, (g + 1) * self.group_size)
+                part[:, cols] = flat[:, cols]
+                ws.append((part.reshape(qw.shape), s[:, g].double()))
         return ws
 
     def _stack(self, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -340,6 +402,8 @@ class QuantLayer(nn.Module):
         return plan
 
     def _call_inner(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if is_hf_conv1d(self.inner):  # its forward views the output as (..., nf): stacked terms need F.linear
+            return F.linear(x, w.to(x.dtype))
         params = {"weight": self.inner_layout(w).to(x.dtype)}
         if self.inner.bias is not None:
             params["bias"] = torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
@@ -411,7 +475,16 @@ class QuantLinear(QuantLayer):
     """Quantized Linear."""
 
 
+class QuantConv1D(QuantLinear):
+    """Quantized Hugging Face Conv1D (a Linear stored transposed): per output feature like nn.Linear."""
+
+
+class QuantEmbedding(QuantLayer):
+    """Quantized Embedding: one scale per row (embedding vector), input ids never quantized."""
+
+
 def make_quant_layer(inner: nn.Module, *args, **kwargs) -> QuantLayer:
     cls = QuantConv2d if isinstance(inner, nn.Conv2d) else QuantConvTranspose2d \
-        if isinstance(inner, nn.ConvTranspose2d) else QuantLinear
+        if isinstance(inner, nn.ConvTranspose2d) else QuantEmbedding if is_embedding(inner) \
+        else QuantConv1D if is_hf_conv1d(inner) else QuantLinear
     return cls(inner, *args, **kwargs)

@@ -9,6 +9,7 @@ Conventions (see docs/method.md §1):
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -31,6 +32,10 @@ def check_bits(bits: int, what: str = "bit-width") -> int:
 
 def check_finite(x: torch.Tensor, name: str = "tensor") -> None:
     """Raise a WeightError naming the tensor when it holds NaN or Inf (rounding would silently corrupt it)."""
+    # fast path: a finite sum implies finite entries (NaN and Inf propagate into the sum); one reduction
+    # without the bool tensor of isfinite. A sum that overflows falls through to the exact test.
+    if not x.is_floating_point() or bool(torch.isfinite(x.sum())):
+        return
     if not torch.isfinite(x).all():
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
@@ -74,7 +79,10 @@ def absmax(x: torch.Tensor, axis: int | None = 0) -> torch.Tensor:
     if x.numel() == 0:
         raise WeightError("cannot quantize an empty tensor")
     dims = reduce_dims(x, axis)
-    return x.abs().amax(dim=dims) if dims else x.abs()
+    if not dims:
+        return x.abs()
+    # max|x| = max(max x, -min x): two reductions, no |x| tensor (same value, bit for bit)
+    return torch.maximum(x.amax(dim=dims), x.amin(dim=dims).neg())
 
 
 def symmetric_scale(x: torch.Tensor, bits: int, axis: int | None = 0) -> torch.Tensor:
@@ -85,19 +93,73 @@ def symmetric_scale(x: torch.Tensor, bits: int, axis: int | None = 0) -> torch.T
 
 def asymmetric_qparams(x: torch.Tensor, bits: int, axis: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max affine parameters on [0, 2^b-1]; the range always contains 0 so zero is exact."""
-    qmin, qmax = qrange(bits, signed=False)
     dims = reduce_dims(x, axis)
     lo = x.amin(dim=dims).clamp(max=0) if dims else x.clamp(max=0)
     hi = x.amax(dim=dims).clamp(min=0) if dims else x.clamp(min=0)
+    return _affine_from_range(lo, hi, bits)
+
+
+def _affine_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of the unsigned b-bit grid covering [lo, hi] (lo <= 0 <= hi)."""
+    qmin, qmax = qrange(bits, signed=False)
     scale = ((hi - lo) / (qmax - qmin)).to(torch.float32)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.where(scale > 0, (qmin - torch.round(lo / safe)), torch.zeros_like(scale))
     return scale, zero_point.clamp(qmin, qmax).to(torch.int32)
 
 
+# ---- group-wise scales ---------------------------------------------------------------------------
+# A row (one output channel, flattened over its inputs: C_in x kh x kw for a conv, in_features for a
+# Linear) is cut into groups of ``group_size`` consecutive inputs, each with its own scale. A ragged last
+# group (fan_in not a multiple of group_size, e.g. 576 = 4.5 x 128) is handled: it is simply shorter. It is
+# padded with zeros for the reduction only, which changes no group's statistics (|0| never raises a max;
+# the asymmetric range always contains 0 already).
+
+
+def check_group_size(group_size) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ConfigError(f"group_size must be a positive integer (inputs per scale along a row, e.g. 128), got "
+                          f"{group_size!r}")
+    return group_size
+
+
+def n_groups(fan_in: int, group_size: int) -> int:
+    """Groups per row: ceil(fan_in / group_size) (the last one ragged when it does not divide)."""
+    return -(-fan_in // group_size)
+
+
+def to_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[C, ...] -> [C, G, group_size], zero-padded at the end of each row."""
+    c = x.shape[0]
+    flat = x.reshape(c, -1)
+    g = n_groups(flat.shape[1], group_size)
+    pad = g * group_size - flat.shape[1]
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.reshape(c, g, group_size)
+
+
+def expand_groups(v: torch.Tensor, shape: tuple, group_size: int) -> torch.Tensor:
+    """A per-group tensor [C, G] broadcast to the weight's shape (every input gets its group's value)."""
+    c, fan_in = shape[0], math.prod(shape[1:])
+    return v.repeat_interleave(group_size, dim=1)[:, :fan_in].reshape(shape)
+
+
+def group_symmetric_scale(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """[C, G] scales s = max|x| / qmax over each group (0 for an all-zero group)."""
+    _, qmax = qrange(bits, signed=True)
+    return to_groups(x, group_size).abs().amax(-1).to(torch.float32) / qmax
+
+
+def group_asymmetric_qparams(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[C, G] min/max affine parameters, one pair per group."""
+    xg = to_groups(x, group_size)
+    return _affine_from_range(xg.amin(-1).clamp(max=0), xg.amax(-1).clamp(min=0), bits)
+
+
 def round_nearest(x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Round-to-nearest (ties to even) then clamp: the default rounding rule."""
-    return torch.clamp(torch.round(x), qmin, qmax)
+    return torch.round(x).clamp_(qmin, qmax)  # the clamp in place: one tensor, not two
 
 
 def quantize_affine(
@@ -112,8 +174,11 @@ def quantize_affine(
 ) -> torch.Tensor:
     """q = clamp(round(x / s) + z). Channels with s = 0 map to q = z (exactly zero after dequantization)."""
     s = _expand_to(scale, x, axis)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    scaled = torch.where(s > 0, x / safe, torch.zeros_like(x))
+    if bool((s > 0).all()):  # the common case: no all-zero channel, one division pass
+        scaled = x / s
+    else:
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        scaled = torch.where(s > 0, x / safe, torch.zeros_like(x))
     if zero_point is not None:
         z = _expand_to(zero_point, x, axis).to(scaled.dtype)
         q = rounding(scaled + z, qmin, qmax)
@@ -126,10 +191,11 @@ def dequantize_affine(
     q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None, axis: int | None = 0
 ) -> torch.Tensor:
     s = _expand_to(scale, q, axis)
-    qf = q.to(torch.float32)
+    # a tensor of our own (never the caller's q), updated in place below
+    qf = q.to(torch.float32) if q.dtype != torch.float32 else q.clone()
     if zero_point is not None:
-        qf = qf - _expand_to(zero_point, q, axis).to(torch.float32)
-    return qf * s
+        qf = qf.sub_(_expand_to(zero_point, q, axis).to(torch.float32))
+    return qf.mul_(s) if s.dim() <= qf.dim() and torch.broadcast_shapes(s.shape, qf.shape) == qf.shape else qf * s
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
@@ -32,12 +32,14 @@ class Context:
     folded: list = field(default_factory=list)  # (conv, bn) pairs folded
     pairs: Optional[list] = None  # equalization pairs (rex.transforms.equalize.Pair)
     info: dict = field(default_factory=dict)  # transform name -> summary
+    layer_filter: Optional[Callable[[str, nn.Module], bool]] = None  # the weight layers to record (default: graph's)
     _graph: Optional[Graph] = None
 
     def graph(self, model: nn.Module) -> Graph:
         """The op graph of ``model`` as it is now (recorded once until the model changes)."""
         if self._graph is None:
-            self._graph = record(model, self.example_input)
+            kw = {} if self.layer_filter is None else {"layer_filter": self.layer_filter}
+            self._graph = record(model, self.example_input, **kw)
         return self._graph
 
     def invalidate(self) -> None:
