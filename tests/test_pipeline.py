@@ -99,8 +99,10 @@ def test_expansion_only_sensible_combinations():
     bad = {"models": cfg["models"], "methods": [{"method": "rex", "bits": [[4, 8]], "orders": [2], "budgets": [1.5],
                                                   "options": {"x": 1}},
                                                  {"method": "rex", "bits": [[4, 8]], "orders": [2], "budgets": [1.5]}]}
-    with pytest.raises(gridlib.GridError):
-        gridlib.expand(bad, ROOT)  # two settings, one folder
+    # two settings never share a folder: the options are part of the result's identity (a p=<hash> variant)
+    labels = [j["label"] for j in gridlib.expand(bad, ROOT)]
+    assert len(labels) == len(set(labels)) == 3 and "method=rex,w=4,a=8,K=2,budget=1.5" in labels
+    assert any(lab.startswith("method=rex,w=4,a=8,K=2,budget=1.5,p=") for lab in labels)
 
 
 @pytest.mark.parametrize("grid_file", GRIDS, ids=lambda p: p.stem)
