@@ -255,15 +255,19 @@ def activation_coverage(qmodel: nn.Module) -> dict:
     if info is None:
         raise TypeError("activation_coverage needs a model returned by rex.quantize (it reads model.rex_info)")
     plans = info.plans
+    # the engine's count (rex_info.extra["float_inputs"]) leaves out embeddings, whose input is token ids
+    fi = info.extra.get("float_inputs") or dict(count=sum(p.abits is None for p in plans), of=len(plans),
+                                                 names=[p.name for p in plans if p.abits is None])
     if info.spec.abits is None:
-        return dict(act_layers=len(plans), act_float=len(plans), act_float_layers=[],
+        return dict(act_layers=fi["of"], act_float=fi["of"], act_float_layers=[],
                     act_ranges="none (weight-only)", act_points="none")
-    floats = [p.name for p in plans if p.abits is None]
+    floats = list(fi["names"])
+    norm = "LayerNorm" if any(isinstance(m, nn.LayerNorm) for m in qmodel.modules()) else "BatchNorm"
     source = ("distilled data (ZeroQ)" if "zeroq" in info.extra
-              else "BatchNorm statistics (beta + n|gamma|)")
+              else f"{norm} statistics (beta + n|gamma|)")
     if plans and plans[0].abits is not None:
         source += "; network input from its normalisation"
-    return dict(act_layers=len(plans), act_float=len(floats), act_float_layers=floats, act_ranges=source,
+    return dict(act_layers=fi["of"], act_float=len(floats), act_float_layers=floats, act_ranges=source,
                 act_points="layer inputs (adds, pooling, concatenation in float)")
 
 
