@@ -19,6 +19,7 @@ from rex.pipeline import grid as gridlib
 
 ROOT = PROJECT_ROOT
 GRIDS = sorted((ROOT / "conf" / "grid").glob("*.yaml"))
+# variant (the folder's ,p=<hash>, '' for the default protocol) and commit appended by issue 12 item 7
 SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status",
                    "variant", "commit"]
 
@@ -96,13 +97,16 @@ def test_expansion_only_sensible_combinations():
     assert {"method=rex,w=4,a=8,K=2,budget=1.5", "method=rex,w=4,a=32,K=2", "method=rtn,w=4,a=8,K=1"} <= set(labels)
     assert len(jobs) == 1 + 2 * 3 + 1
     assert all(j["checkpoint"] and j["checkpoint"].endswith("resnet20_fmnist/model.pt") for j in jobs)
-    bad = {"models": cfg["models"], "methods": [{"method": "rex", "bits": [[4, 8]], "orders": [2], "budgets": [1.5],
-                                                  "options": {"x": 1}},
-                                                 {"method": "rex", "bits": [[4, 8]], "orders": [2], "budgets": [1.5]}]}
-    # two settings never share a folder: the options are part of the result's identity (a p=<hash> variant)
-    labels = [j["label"] for j in gridlib.expand(bad, ROOT)]
-    assert len(labels) == len(set(labels)) == 3 and "method=rex,w=4,a=8,K=2,budget=1.5" in labels
+    # method options are part of a job's identity (issue 12 item 7): other options, another folder (,p=<hash>)
+    opts = {"models": cfg["models"], "methods": [{"method": "rex", "bits": [[4, 8]], "orders": [2], "budgets": [1.5],
+                                                   "options": {"x": 1}},
+                                                  {"method": "rex", "bits": [[4, 8]], "orders": [2], "budgets": [1.5]}]}
+    labels = [j["label"] for j in gridlib.expand(opts, ROOT)]
+    assert len({j["dir"] for j in gridlib.expand(opts, ROOT)}) == 3
     assert any(lab.startswith("method=rex,w=4,a=8,K=2,budget=1.5,p=") for lab in labels)
+    bad = {"models": cfg["models"] + [dict(cfg["models"][0], limit=20)], "methods": opts["methods"][1:]}
+    with pytest.raises(gridlib.GridError):
+        gridlib.expand(bad, ROOT)  # two settings (another evaluation subset), one folder
 
 
 @pytest.mark.parametrize("grid_file", GRIDS, ids=lambda p: p.stem)
@@ -253,6 +257,7 @@ def test_smoke_grid_end_to_end(tmp_path):
         assert row["status"] == "ok"
         assert _close(row["value"], rec["metrics"][row["metric"]])
         assert int(row["bops"]) == rec["bops"]
+        assert row["variant"] == "" and row["commit"].split("+")[0] == rec["git"]["commit"]  # stamped (item 7)
     fp = [r for r in rows if r["method"] == "fp32"]
     assert {(r["wbits"], r["abits"], r["budget"]) for r in fp} == {("32", "32", "")}
 
