@@ -69,3 +69,15 @@ def test_check_finite_fast_path_keeps_exact_answers():
         w[2, 3] = bad
         with pytest.raises(WeightError, match="w contains"):
             check_finite(w, "w")
+
+
+def test_dequantize_never_writes_into_the_callers_tensor():
+    from rex.quant import dequantize_affine
+
+    q = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    before = q.clone()
+    out = dequantize_affine(q, torch.tensor([0.5, 2.0]), torch.tensor([1, 0]), 0)
+    assert torch.equal(q, before)
+    assert torch.equal(out, torch.tensor([[0.0, -1.5], [6.0, 0.0]]))
+    qi = torch.tensor([[1, -2]], dtype=torch.int8)
+    assert torch.equal(dequantize_affine(qi, torch.tensor(0.25), None, None), torch.tensor([[0.25, -0.5]]))
