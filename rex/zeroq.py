@@ -1,7 +1,7 @@
 """ZeroQ distilled data (Cai et al., CVPR 2020), used here only to set activation ranges.
 
-``distill_zeroq`` is ZeroQ's own algorithm (per-image statistics, its loss, lr 0.5, 500 iterations); ``distill``
-below is the cheaper batch-pooled variant the ``zeroq`` method still uses. Both share one descent loop.
+``distill_zeroq`` is ZeroQ's own algorithm (per-image statistics, its loss, lr 0.5, 500 iterations), the ``zeroq``
+method's; ``distill`` below is the cheaper batch-pooled variant of ``zeroq_lite``. Both share one descent loop.
 
 ``distill(model, shape, batch, steps, seed)`` optimizes a batch of inputs, initialised N(0, 1), with Adam so
 that, at every BatchNorm of the float model (before folding), the batch statistics of the BN input match
@@ -13,18 +13,21 @@ the running statistics:
 ``activation_ranges(folded_model, data)`` then runs the distilled batch through the (BN-folded, prepared)
 model and returns per weight layer the [min, max] of its input (or a two-sided percentile), the
 ``range_override`` of the engine. Nothing else uses the distilled data: weights are quantized exactly as
-RTN. Distillation is seeded (``seed``) and cached in memory per (weights, shape, batch, steps, seed, lr).
+RTN. Distillation is seeded (``seed``) and cached per (weights, shape, batch, steps, seed, lr), in memory and on
+disk (``<REX_CACHE>/zeroq/``).
 """
 from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .cost import _call
+from .io import atomic_torch_save
 
 _CACHE: dict = {}
 
@@ -83,13 +86,36 @@ def _descend(model: nn.Module, x: torch.Tensor, iters: int, bn_term: Callable, i
     return first, last
 
 
+def _disk_path(key) -> Path:
+    """The distilled batch's file in the rex cache (REX_CACHE, default ~/.cache/rex): the key holds the
+    weights' hash, the input shape and every setting, so a file is never reused for another model or recipe."""
+    from .paths import cache_root
+
+    return cache_root() / "zeroq" / (hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".pt")
+
+
 def _cached(key, cache: bool, run: Callable) -> tuple[torch.Tensor, dict]:
+    """Memory, then disk, then ``run()``. ZeroQ's own distillation takes minutes even on small inputs; a
+    grid asks for the same batch once per bit-width, and a rerun after an interruption should not pay again."""
     if cache and key in _CACHE:
         data, info = _CACHE[key]
         return data.clone(), dict(info, cached=True)
+    path = _disk_path(key) if cache else None
+    if path is not None and path.is_file():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            data, info = blob["data"], dict(blob["info"])
+            _CACHE[key] = (data.clone(), info)
+            return data, dict(info, cached=True)
+        except Exception:  # noqa: BLE001 -- a corrupt cache file is recomputed and rewritten, never trusted
+            pass
     data, info = run()
     if cache:
         _CACHE[key] = (data.clone(), info)
+        try:
+            atomic_torch_save({"data": data.clone(), "info": info}, path)
+        except OSError:  # an unwritable cache costs time, not the result
+            pass
     return data, info
 
 

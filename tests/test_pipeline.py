@@ -114,7 +114,7 @@ def test_grid_file_sets_every_key(grid_file):
     """Snakemake merges --configfile onto default.yaml: a key a grid leaves out would leak in from default."""
     default = yaml.safe_load((ROOT / "conf/grid/default.yaml").read_text())
     mine = yaml.safe_load(grid_file.read_text())
-    missing = set(default) - set(mine) - {"compact_methods"}
+    missing = {k for k in set(default) - set(mine) - {"compact_methods"} if not k.startswith("x_")}  # anchors
     assert not missing, f"{grid_file.name} must set {sorted(missing)}"
     assert set(mine["protocol"]) == set(default["protocol"])
 

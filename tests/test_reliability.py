@@ -133,7 +133,7 @@ def test_same_config_twice_gives_identical_metrics(weights, tmp_path):
     assert a["hashes"]["weights_sha256"] == b["hashes"]["weights_sha256"]
 
 
-def test_seed_is_config_and_drives_zeroq(weights, tmp_path):
+def test_seed_is_config_and_drives_zeroq(weights, tmp_path, monkeypatch):
     """ZeroQ draws random numbers: its seed is protocol.seed (hashed into the config), the same seed gives the
     same quantized model, another seed another one."""
     import rex.zeroq
@@ -149,8 +149,11 @@ def test_seed_is_config_and_drives_zeroq(weights, tmp_path):
     model = get_model(MODEL, weights=weights).model
     ex = torch.zeros(1, 1, 28, 28)
 
+    monkeypatch.setattr(rex.zeroq, "_disk_path", lambda key: tmp_path / "zq" / f"{abs(hash(key))}.pt")
+
     def ranges(spec):
-        rex.zeroq._CACHE.clear()  # really distill again
+        rex.zeroq._CACHE.clear()  # really distill again (memory and disk)
+        shutil.rmtree(tmp_path / "zq", ignore_errors=True)
         q = rex.quantize(model, spec, example_input=ex, input_range=(-0.9, 2.0))
         return [r["act_range"] for r in rex.report(q)]
 

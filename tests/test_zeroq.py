@@ -51,3 +51,39 @@ def test_distillation_matches_each_images_bn_statistics():
 
     assert (err(data) < 0.6 * err(start)).all()  # every image on its own, not only the batch mean
     assert all(p.requires_grad for p in net.parameters())  # restored
+
+
+def test_zeroq_method_is_zeroqs_own_and_lite_is_the_pooled_variant():
+    import rex
+    from rex.methods.zeroq import ZeroQConfig, ZeroQLiteConfig
+
+    assert (ZeroQConfig().zeroq_batch, ZeroQConfig().zeroq_steps, ZeroQConfig().zeroq_lr) == (32, 500, 0.5)
+    assert (ZeroQLiteConfig().zeroq_batch, ZeroQLiteConfig().zeroq_steps) == (8, 200)
+    net = _bn_net()
+    ex = torch.zeros(1, 1, 12, 12)
+    opts = {"zeroq_batch": 2, "zeroq_steps": 5}
+    q = rex.quantize(net, method="zeroq", wbits=8, abits=8, first_last="same", example_input=ex, options=opts)
+    lite = rex.quantize(net, method="zeroq_lite", wbits=8, abits=8, first_last="same", example_input=ex,
+                        options=opts)
+    assert q.rex_info.extra["zeroq"]["algorithm"] == "zeroq"
+    assert lite.rex_info.extra["zeroq"]["algorithm"] == "pooled"
+    assert [r["act_range"] for r in rex.report(q)] != [r["act_range"] for r in rex.report(lite)]
+
+
+def test_distilled_batch_is_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("REX_CACHE", str(tmp_path))
+    net = _bn_net()
+    zeroq._CACHE.clear()
+    a, info = zeroq.distill_zeroq(net, (1, 1, 8, 8), batch=2, iters=4)
+    files = list((tmp_path / "zeroq").glob("*.pt"))
+    assert not info["cached"] and len(files) == 1
+    zeroq._CACHE.clear()  # a new process: memory empty, the file answers, bit for bit
+    b, info = zeroq.distill_zeroq(net, (1, 1, 8, 8), batch=2, iters=4)
+    assert info["cached"] and torch.equal(a, b)
+    zeroq._CACHE.clear()  # another setting is another file, never the cached batch
+    c, info = zeroq.distill_zeroq(net, (1, 1, 8, 8), batch=2, iters=5)
+    assert not info["cached"] and len(list((tmp_path / "zeroq").glob("*.pt"))) == 2
+    files[0].write_bytes(b"garbage")  # a corrupt file is recomputed, not trusted
+    zeroq._CACHE.clear()
+    d, info = zeroq.distill_zeroq(net, (1, 1, 8, 8), batch=2, iters=4)
+    assert not info["cached"] and torch.equal(a, d)

@@ -24,7 +24,7 @@ from . import grid as gridlib
 
 METHOD_DISPLAY = {"fp32": "FP32", "rtn": "RTN", "rex": "REx", "dfq": "DFQ", "squant": "SQuant", "ocs": "OCS",
                   "zeroq": "ZeroQ", "rex_dfq": "REx+DFQ", "rex_squant": "REx+SQuant"}
-METHOD_ORDER = ["fp32", "rtn", "dfq", "squant", "ocs", "zeroq", "rex", "rex_dfq", "rex_squant"]
+METHOD_ORDER = ["fp32", "rtn", "dfq", "squant", "ocs", "zeroq", "zeroq_lite", "rex", "rex_dfq", "rex_squant"]
 METRIC_DISPLAY = {"top1": "top-1 (%)", "top5": "top-5 (%)", "agreement": "agree (%)", "kl": "KL (nats)",
                   "AP": "AP", "AP50": "AP50", "AP75": "AP75", "mIoU": "mIoU (%)"}
 FIRST_LAST = {"8bit": "first and last layers kept at W8A8, order 1",
