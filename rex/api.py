@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .cost import _call
 from .cost import bops as _bops
 from .errors import ConfigError, RexWarning, WeightError
 from .cost import cost_table, model_size_bits
@@ -162,7 +163,7 @@ def check_example_input(model: nn.Module, example_input) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input)
+            _call(model, example_input)  # a tuple is positional arguments, a dict keyword arguments
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input)
         expect = ""
