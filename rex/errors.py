@@ -1,6 +1,7 @@
 """Errors that name the problem and the fix. Every user-facing failure raises one of these."""
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 
@@ -55,7 +56,10 @@ def describe_load_error(exc: BaseException) -> str:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         glob = next((ln for ln in lines if "GLOBAL" in ln), None)
         if glob is not None:
-            return (f"it holds pickled Python objects ({glob.rstrip('.')}), which weights_only loading refuses "
+            # only the name of the refused global: torch's allowlisting advice (add_safe_globals) is not relayed
+            m = re.search(r"GLOBAL\s+([\w.]+)", glob)
+            glob = f"GLOBAL {m.group(1)}" if m else "a Python global"
+            return (f"it holds pickled Python objects ({glob}), which weights_only loading refuses "
                     "to unpickle because unpickling them could run arbitrary code; only a plain state_dict "
                     "(torch.save(model.state_dict(), path)) is accepted, from a source you trust")
         detail = next((ln for ln in lines if ln.lower().startswith(("unsupported", "weightsunpickler error"))

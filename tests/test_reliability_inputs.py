@@ -224,3 +224,25 @@ def test_float_layers_reach_the_job_record():
     out: dict = {}
     runner._quantize_into(out, _Mixed().eval(), spec, torch.randn(1, 4, 10), None)
     assert out["float_layers"] >= 1 and "LSTM" in out["float_layer_names"]
+
+
+class _Payload:
+    """A class a checkpoint's pickle would have to import."""
+
+
+def test_fastestdet_and_espnet_checkpoint_errors_never_relay_weights_only_false(tmp_path):
+    """A pickle holding Python objects is refused; the message explains why and never passes on torch's advice
+    to retry with weights_only=False."""
+    from rex.errors import CheckpointError
+    from rex.models.fastestdet import load_state_dict_checked
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": _Payload()}, evil)  # a pickled Python object: weights_only loading refuses it
+    for p in (evil, tmp_path / "trunc.pt"):
+        if p.name == "trunc.pt":
+            torch.save(nn.Linear(2, 2).state_dict(), p)
+            p.write_bytes(p.read_bytes()[:50])
+        with pytest.raises(CheckpointError) as e:
+            load_state_dict_checked(nn.Linear(2, 2), p, None, "ESPNet-CamVid")
+        msg = str(e.value)
+        assert "ESPNet-CamVid" in msg and "False" not in msg and "safe_globals" not in msg, msg

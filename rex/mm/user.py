@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from rex.errors import CheckpointError, ConfigError, RexError
+from rex.errors import CheckpointError, ConfigError, RexError, describe_load_error
 
 __all__ = ["load_user_model", "strip_pretrained"]
 
@@ -65,11 +65,11 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
-            f"cannot load checkpoint {path} with torch.load(weights_only=True): {type(e).__name__}: "
-            f"{str(e)[:600]}. If the file is a full mmengine training checkpoint (optimizer state, message hub), "
+            f"cannot load checkpoint {path} with torch.load(weights_only=True): {describe_load_error(e)}. "
+            f"If the file is a full mmengine training checkpoint (optimizer state, message hub), "
             f"re-save only the weights from a trusted environment: "
             f"torch.save({{'state_dict': ckpt['state_dict'], 'meta': {{'dataset_meta': ...}}}}, path); "
-            f"a truncated or corrupted file must be downloaded again.") from e
+            f"a truncated or corrupted file must be downloaded again.") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, expected a dict (a state dict, or a "
                               f"checkpoint with a 'state_dict' entry)")

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rex.errors import CheckpointError
+from rex.errors import CheckpointError, describe_load_error
 from rex.io import sha256_file
 from rex.paths import weights_root
 
@@ -239,8 +239,8 @@ def load_state_dict_checked(model: nn.Module, path: Union[str, Path], expected_s
             except OSError:
                 pass
         raise CheckpointError(
-            f"{what}: cannot read checkpoint {path}{sha}: {type(e).__name__}: {e}. The file is corrupted, truncated or "
-            f"not a plain state dict; restore it from the shared weights folder.") from e
+            f"{what}: cannot read checkpoint {path}{sha}: {describe_load_error(e)}. The file is corrupted, truncated "
+            f"or not a plain state dict; restore it from the shared weights folder.") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -359,7 +360,9 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
         spec = spec_from_config(cfg_dict)
         expected = gridlib.fp32_label() if spec is None else spec.label()
         record["spec_hash"] = spec.hash() if spec is not None else None
-        if expected != gridlib.split_variant(out.name)[0]:
+        # a folder named like a label must be the label of what runs (any other name is the caller's choice)
+        labelled = re.fullmatch(gridlib.JOB_LABEL_RE, out.name) is not None
+        if labelled and expected != gridlib.split_variant(out.name)[0]:
             from ..errors import ConfigError
 
             raise ConfigError(f"the job folder {out.name!r} does not match what its config runs ({expected!r}): "
