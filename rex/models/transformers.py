@@ -281,7 +281,7 @@ def tied_linears(model: nn.Module) -> Dict[str, str]:
             if isinstance(m, nn.Linear) and id(m.weight) in emb}
 
 
-def quantize_text_model(bundle: Any, spec: Any, tied_head: str = "float") -> nn.Module:
+def quantize_text_model(bundle: Any, spec: Any, tied_head: str = "float", embeddings: str = "float") -> nn.Module:
     """`rex.quantize` on a text bundle (`get_model("minilm_l6")`), with the dict of model inputs that the
     engine traces (token ids of a fixed sentence: `example_inputs`; their values set no range). Today's
     engine needs an example input to trace the execution order (first/last roles), even weight-only.
@@ -289,14 +289,35 @@ def quantize_text_model(bundle: Any, spec: Any, tied_head: str = "float") -> nn.
     `tied_head`: "float" (default) keeps an LM head whose matrix is the input embedding in float, tied to
     the (float) embedding: one stored copy of the matrix, as the embedding itself is never quantized; this
     is the setting of ../shared/data/README.md's SmolLM2 figures (W4 RTN 60.99). "quantize" lets the
-    method quantize it like any nn.Linear (spec.first_last decides its bits): a second, quantized copy."""
+    method quantize it like any nn.Linear (spec.first_last decides its bits): a second, quantized copy.
+
+    `embeddings`: "float" (default) keeps the embedding tables float, so that every nn.Linear, and only
+    those, is quantized: the setting of ../shared/data/README.md's figures (MiniLM W3 83.46). "policy" lets
+    the engine quantize them as the first layers under spec.first_last."""
     from ..api import quantize
     from ..transforms import get_module, set_module
 
     if tied_head not in ("float", "quantize"):
         raise ConfigError(f"tied_head must be 'float' or 'quantize', got {tied_head!r}")
+    if embeddings not in ("float", "policy"):
+        raise ConfigError(f"embeddings must be 'float' or 'policy', got {embeddings!r}")
     tok = load_tokenizer(bundle)
-    q = quantize(bundle.model, spec, example_input=example_inputs(tok, bundle.entry.task))
+    model = bundle.model
+    if embeddings == "float":
+        # the engine's layer filter skips modules marked as already wrapped: the tables stay float, and the
+        # first/last roles are those of the Linear layers alone
+        model = copy.deepcopy(model)
+        for mod in model.modules():
+            if isinstance(mod, nn.Embedding):
+                mod._rex_wrapped = True
+    q = quantize(model, spec, example_input=example_inputs(tok, bundle.entry.task))
+    if embeddings == "float":
+        for mod in q.modules():
+            if isinstance(mod, nn.Embedding) and getattr(mod, "_rex_wrapped", False):
+                del mod._rex_wrapped
+        info = getattr(q, "rex_info", None)
+        if info is not None:
+            info.notes.append("embedding tables kept float (embeddings='float')")
     if tied_head == "float":
         for head_name, emb_name in tied_linears(bundle.model).items():
             head = copy.deepcopy(get_module(bundle.model, head_name))
