@@ -11,6 +11,7 @@ memory), images per second, peak resident memory, top-1.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text
 
 # (label, spec kwargs or None for FP32, extra)
 CONFIGS = [
@@ -184,12 +185,18 @@ def quant_speed_main(args) -> int:
     meta = dict(when=time.strftime("%Y-%m-%d %H:%M:%S"), machine=platform.machine(), cpus=os.cpu_count(),
                 torch=torch.__version__, python=platform.python_version(), repeats=args.repeats,
                 loadavg=os.getloadavg())
+    return _write_results(out, meta, rows, ["model", "config", "threads", "status", "quant_seconds", "layers",
+                                            "loadavg"])
+
+
+def _write_results(out: Path, meta: dict, rows: list, cols: list) -> int:
+    """The benchmark file (JSON: meta + rows) and its CSV view (``cols``), both written atomically."""
     atomic_write_json(out, dict(meta=meta, rows=rows), end="", indent=2, default=str)
-    cols = ["model", "config", "threads", "status", "quant_seconds", "layers", "loadavg"]
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\r\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
     print(f"wrote {out} and {out.with_suffix('.csv')}")
     return 0
 
@@ -229,15 +236,9 @@ def main(args) -> int:
         python=platform.python_version(), limit=args.limit, batch_size=args.batch_size,
         loadavg=os.getloadavg(),
     )
-    atomic_write_json(out, dict(meta=meta, rows=rows), end="", indent=2, default=str)
-    cols = ["model", "config", "status", "quant_seconds", "eval_seconds", "images_per_second", "eval_time_vs_fp32",
-            "peak_rss_mb", "peak_rss_vs_fp32", "top1", "bops", "n"]
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out} and {out.with_suffix('.csv')}")
-    return 0
+    return _write_results(out, meta, rows, ["model", "config", "status", "quant_seconds", "eval_seconds",
+                                            "images_per_second", "eval_time_vs_fp32", "peak_rss_mb",
+                                            "peak_rss_vs_fp32", "top1", "bops", "n"])
 
 
 if __name__ == "__main__":

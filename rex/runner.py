@@ -234,6 +234,23 @@ def _dense_input_range(model_name: str, entry) -> tuple[float, float]:
     return (float(lo), float(hi))
 
 
+def _fp32_metrics(stem: str, key_parts: list, compute: Callable[[], dict], fresh: bool) -> dict:
+    """The float model's metrics, cached as JSON in ``<cache>/fp32/<stem>-<key>.json`` (key: sha256 of
+    ``key_parts``): an FP32 row (``fresh``) always recomputes and rewrites it; a corrupt file is recomputed."""
+    from .paths import cache_root
+
+    key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:16]
+    cpath = cache_root() / "fp32" / f"{stem}-{key}.json"
+    if not fresh and cpath.exists():
+        try:
+            return json.loads(cpath.read_text())
+        except ValueError:
+            cpath.unlink(missing_ok=True)
+    fp = compute()
+    atomic_write_json(cpath, fp, end="")
+    return fp
+
+
 def _dense_job(task: str, evaluate: Callable, metric_keys: tuple, model_name: str, spec: Optional[QuantSpec],
                limit=None, progress=True, dataset_root=None, weights=None, threads=None, keep_model=False,
                evaluate_kw: Optional[dict] = None) -> dict:
@@ -249,21 +266,10 @@ def _dense_job(task: str, evaluate: Callable, metric_keys: tuple, model_name: st
     qmodel = _quantize_or_keep(out, model, entry, weights, spec, ex, in_range)
     kw = dict(data_root=dataset_root, max_images=limit, progress=progress, threads=threads, **(evaluate_kw or {}))
     # FP32 metrics: cached per (model, weights, data root, limit)
-    from .paths import cache_root
-
-    key = hashlib.sha256(json.dumps([model_name, out.get("weights_sha256"), str(dataset_root), limit,
-                                     sorted((evaluate_kw or {}).items())], default=str).encode()).hexdigest()[:16]
-    cpath = cache_root() / "fp32" / f"{model_name}-{task}-{key}.json"
-    fp = None
-    if cpath.exists():
-        try:
-            fp = json.loads(cpath.read_text())
-        except ValueError:
-            cpath.unlink(missing_ok=True)
-    if fp is None or spec is None:
-        fp = evaluate(model, **kw)
-        fp = {k: v for k, v in fp.items() if isinstance(v, (int, float, str)) or v is None}
-        atomic_write_json(cpath, fp, end="")
+    fp = _fp32_metrics(f"{model_name}-{task}", [model_name, out.get("weights_sha256"), str(dataset_root), limit,
+                                                 sorted((evaluate_kw or {}).items())],
+                       lambda: {k: v for k, v in evaluate(model, **kw).items()
+                                if isinstance(v, (int, float, str)) or v is None}, fresh=spec is None)
     for k in metric_keys:
         if k in fp:
             out[f"fp32_{k}"] = fp[k]
@@ -323,7 +329,6 @@ def text_job(model_name: str, spec: Optional[QuantSpec], limit: Optional[int] = 
     from .errors import ConfigError
     from .evaluate.text import evaluate_text
     from .models.transformers import example_inputs, load_tokenizer, quantize_text_model
-    from .paths import cache_root
 
     bundle = get_model(model_name, weights=weights) if weights is not None else get_model(model_name)
     entry = bundle.entry
@@ -350,18 +355,8 @@ def text_job(model_name: str, spec: Optional[QuantSpec], limit: Optional[int] = 
         out["notes"] = qmodel.rex_info.notes
     ds = get_dataset(entry.default_dataset, root=dataset_root, limit=limit)
     out["dataset"], out["dataset_path"] = entry.default_dataset, str(getattr(ds, "path", None) or dataset_root)
-    key = hashlib.sha256(json.dumps([model_name, out.get("weights_sha256"), str(dataset_root), limit],
-                                    default=str).encode()).hexdigest()[:16]
-    cpath = cache_root() / "fp32" / f"{model_name}-{entry.task}-{key}.json"
-    fp = None
-    if cpath.exists():
-        try:
-            fp = json.loads(cpath.read_text())
-        except ValueError:
-            cpath.unlink(missing_ok=True)
-    if fp is None or spec is None:
-        fp = evaluate_text(bundle.model, ds, tok, entry.task, threads=threads)
-        atomic_write_json(cpath, fp, end="")
+    fp = _fp32_metrics(f"{model_name}-{entry.task}", [model_name, out.get("weights_sha256"), str(dataset_root), limit],
+                       lambda: evaluate_text(bundle.model, ds, tok, entry.task, threads=threads), fresh=spec is None)
     m = fp if spec is None else evaluate_text(qmodel, ds, tok, entry.task, threads=threads)
     metric = m["metric"]
     out[metric], out[f"fp32_{metric}"] = m["value"], fp["value"]

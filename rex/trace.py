@@ -89,13 +89,19 @@ def _swish(n, ivs, value, sigma) -> Interval:
     return None if first is None else (-0.375, max(first[1], 0.0))
 
 
+def _operands(n, value) -> Optional[tuple[tuple[float, float], tuple[float, float]]]:
+    """The intervals of a binary op's two operands (tensors or numbers), or None when one is unknown."""
+    if len(n.args) < 2:
+        return None
+    a, b = value(n.args[0]), value(n.args[1])
+    return None if a is None or b is None else (a, b)
+
+
 def _arith(n, ivs, value, sigma) -> Interval:
-    name, args = n.op, n.args
-    if len(args) < 2:
+    name, ops = n.op, _operands(n, value)
+    if ops is None:
         return None
-    a, b = value(args[0]), value(args[1])
-    if a is None or b is None:
-        return None
+    a, b = ops
     if "sub" in name:
         if name == "__rsub__":
             a, b = b, a
@@ -104,12 +110,10 @@ def _arith(n, ivs, value, sigma) -> Interval:
 
 
 def _mul(n, ivs, value, sigma) -> Interval:
-    name, args = n.op, n.args
-    if len(args) < 2:
+    name, ops = n.op, _operands(n, value)
+    if ops is None:
         return None
-    a, b = value(args[0]), value(args[1])
-    if a is None or b is None:
-        return None
+    a, b = ops
     if "div" in name:
         if b[0] <= 0 <= b[1]:
             return None

@@ -55,19 +55,21 @@ RECIPE_VERSION = 1
 N_TRAIN, N_TEST = 60000, 10000
 
 
+def _overridden(name: str, **overrides) -> dict:
+    """The model's recipe (``RECIPES``) with the given non-None settings replacing its defaults."""
+    if name not in RECIPES:
+        raise UnknownNameError("trainable model", name, RECIPES)
+    return {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
+
+
 def full_recipe(name: str, *, epochs: Optional[int] = None, seed: int = 0, batch_size: Optional[int] = None,
                 lr: Optional[float] = None, optimizer: Optional[str] = None, weight_decay: Optional[float] = None,
                 threads: Optional[int] = None, limit: Optional[int] = None, test_limit: Optional[int] = None,
                 augment: bool = True) -> dict:
     """Every setting that decides the trained weights, resolved (defaults filled in): the identity of a
     checkpoint. The thread count is part of it (float reductions differ: another checkpoint)."""
-    if name not in RECIPES:
-        raise UnknownNameError("trainable model", name, RECIPES)
-    r = dict(RECIPES[name])
-    for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                     weight_decay=weight_decay).items():
-        if v is not None:
-            r[k] = v
+    r = _overridden(name, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                    weight_decay=weight_decay)
     n_train = min(int(limit), N_TRAIN) if limit else N_TRAIN
     return {"version": RECIPE_VERSION, "model": name, "epochs": int(r["epochs"]), "batch_size": int(r["batch_size"]),
             "lr": float(r["lr"]), "optimizer": r["optimizer"], "weight_decay": float(r["weight_decay"]),
@@ -110,13 +112,8 @@ def train(name: str, *, epochs: Optional[int] = None, seed: int = 0, out: Option
           test_limit: Optional[int] = None, augment: bool = True, eval_each_epoch: bool = False,
           progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Train `name` on Fashion-MNIST train, evaluate on test, write model.pt + metrics.json; return metrics."""
-    if name not in RECIPES:
-        raise UnknownNameError("trainable model", name, RECIPES)
-    recipe = dict(RECIPES[name])
-    for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                     weight_decay=weight_decay).items():
-        if v is not None:
-            recipe[k] = v
+    recipe = _overridden(name, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                         weight_decay=weight_decay)
     if recipe["epochs"] < 1 or recipe["batch_size"] < 1 or recipe["lr"] <= 0:
         raise ConfigError(f"bad training recipe {recipe}")
     if recipe["optimizer"] not in OPTIMIZERS:

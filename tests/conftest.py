@@ -4,6 +4,15 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread (several threads spin against each other on a loaded 2-core machine)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="session")
 def mobilenet_v2():
     """The real torchvision MobileNetV2 with the bundled ImageNet weights."""

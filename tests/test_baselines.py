@@ -95,13 +95,6 @@ def tiny(one_thread):
 X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread (several threads spin against each other on a loaded 2-core machine)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 # --------------------------------------------------------------------------------------------------

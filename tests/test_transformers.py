@@ -16,12 +16,6 @@ from rex.errors import ConfigError, DatasetError
 from rex.evaluate.text import evaluate_perplexity, mean_pool, rankdata, spearman
 
 
-@pytest.fixture
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def test_spearman_matches_scipy_with_ties():

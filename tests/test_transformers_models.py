@@ -29,12 +29,6 @@ HAVE_HQQ = importlib.util.find_spec("hqq") is not None
 MINILM_FP32_200 = 93.62  # measured: Spearman x100, first 200 pairs (86.73 on all 1,500 = README)
 
 
-@pytest.fixture
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _spec(w, k=1, method="rex", **kw):

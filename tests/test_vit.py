@@ -15,13 +15,6 @@ from rex.nn import QuantLayer
 from rex.runner import input_range_from_preprocess
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread (several threads spin against each other on a loaded 2-core machine)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture
