@@ -88,7 +88,9 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", "-K", type=_int("order"), default=1, help="expansion order K >= 1")
     p.add_argument("--budget", type=_budget, default=None, help="BOPs ratio >= 1 (or absolute BOPs)")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "greedy"])
-    p.add_argument("--granularity", default="per_channel", choices=["per_channel", "per_tensor"])
+    p.add_argument("--granularity", default="per_channel", choices=["per_channel", "per_tensor", "per_group"])
+    p.add_argument("--group-size", type=_positive_int("group-size"), default=None,
+                   help="with --granularity per_group: inputs per weight scale along a row (e.g. 128)")
     p.add_argument("--asymmetric", action="store_true")
     p.add_argument("--mode", default="fake", choices=["fake", "int"])
     p.add_argument("--first-last", default="8bit", choices=["8bit", "same", "fp"])
@@ -119,7 +121,7 @@ def spec_from_args(a):
             opts[k] = v
     return QuantSpec(
         method=a.method, wbits=a.wbits, abits=a.abits, order=a.order, budget=a.budget, allocation=a.allocation,
-        granularity=a.granularity, symmetric=not a.asymmetric, mode=a.mode, first_last=a.first_last,
+        granularity=a.granularity, group_size=a.group_size, symmetric=not a.asymmetric, mode=a.mode, first_last=a.first_last,
         act_sigma=a.act_sigma, seed=a.seed, options=opts,
     )
 

@@ -191,14 +191,15 @@ _LOOKUP = (nn.Embedding, nn.EmbeddingBag)
 def float_layers(qmodel: nn.Module) -> dict:
     """{layer type: [names]} of the modules of a quantized model that hold a matrix or convolution weight
     (a parameter of 2 or more dimensions) and were not quantized. Norm layers (1-D weights) and embeddings
-    are not counted."""
+    are not counted, nor layers marked ``rex_weight_quantized_by`` (a method that stores its quantized weight
+    dequantized in the original layer, as HQQ does)."""
     out: dict = {}
 
     def walk(mod: nn.Module, prefix: str) -> None:
         for name, child in mod.named_children():
             full = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, QuantLayer):
-                continue
+            if isinstance(child, QuantLayer) or getattr(child, "rex_weight_quantized_by", None):
+                continue  # a QuantLayer, or a layer whose weight a method replaced by its dequantized one (HQQ)
             if not isinstance(child, _LOOKUP) and any(
                     p.dim() >= 2 for p in child.parameters(recurse=False)):
                 out.setdefault(type(child).__name__, []).append(full)

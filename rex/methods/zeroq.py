@@ -19,7 +19,7 @@ import torch
 from ..engine import default_example_input, quantize_model
 from ..errors import ConfigError
 from ..zeroq import ZEROQ_BATCH, ZEROQ_ITERS, ZEROQ_LR
-from . import MethodConfig, coerce, register_method, require_order_one
+from . import MethodConfig, coerce, register_method, require_batchnorm, require_order_one
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ def _zeroq(model, spec, example_input, input_range, faithful: bool):
 
     name = "zeroq" if faithful else "zeroq_lite"
     require_order_one(spec, name, None)
+    require_batchnorm(model, name, "the BatchNorm running statistics are its distillation target")
     cfg = spec.config
     batch, steps, lr, pct = cfg.zeroq_batch, cfg.zeroq_steps, cfg.zeroq_lr, cfg.zeroq_percentile
     ex = example_input if example_input is not None else default_example_input(model)

@@ -15,6 +15,7 @@ A grid::
     methods:                          # default method blocks, expanded as a product
       - {method: rtn, bits: [[8, 8], [4, 8]]}
       - {method: rex, bits: [[4, 8]], orders: [2, 3], budgets: [null, 1.5], allocation: uniform}
+      - {method: rtn, bits: [[4, 32]], protocol: {granularity: per_group, group_size: 128}}  # this block only
 
 Sensible combinations only: a budget needs order >= 2 (``budgets`` entries are skipped for order 1, except
 ``null`` = dense), duplicate labels collapse, and two different settings mapping to one label are an error.
@@ -30,13 +31,22 @@ import yaml
 
 from ..labels import FLOAT_BITS, FP32_METHOD, LABEL_RE, fp32_label, label, parse_label  # noqa: F401 (re-exported)
 
-TASKS = ("classification", "detection", "segmentation")
-PRIMARY_METRIC = {"classification": "top1", "detection": "AP", "segmentation": "mIoU"}
+TASKS = ("classification", "detection", "segmentation", "text_similarity", "language_modeling")
+PRIMARY_METRIC = {"classification": "top1", "detection": "AP", "segmentation": "mIoU",
+                  "text_similarity": "spearman", "language_modeling": "perplexity"}
 METRICS = {
     "classification": ("top1", "top5", "agreement", "kl"),
     "detection": ("AP", "AP50", "AP75"),
     "segmentation": ("mIoU",),
+    "text_similarity": ("spearman",),     # Spearman x100 of the embeddings' cosine similarity (STS-B)
+    "language_modeling": ("perplexity",),  # exp(mean next-token NLL) over non-overlapping windows
 }
+# Metrics where lower is better: the tables mark the lowest as the best and read a positive delta vs FP32 as a loss.
+LOWER_IS_BETTER = frozenset({"perplexity", "kl"})
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
 NAME_RE = r"[A-Za-z0-9_.-]+"
 # A job folder: the label, plus ",p=<8 hex>" when the job's protocol, method options or dataset differ from the
 # defaults (conf/config.yaml's protocol, no options, the model's own dataset): `--config protocol.mode=int`
@@ -106,6 +116,10 @@ def expand_methods(blocks: Iterable[dict]) -> list:
         budgets = list(block.pop("budgets", [None]))
         allocation = block.pop("allocation", "uniform")
         options = dict(block.pop("options", {}) or {})
+        protocol = dict(block.pop("protocol", {}) or {})  # over the grid's protocol, for this block's jobs only
+        if protocol.get("granularity") == "per_group" and not protocol.get("group_size"):
+            raise GridError(f"method block for {method!r}: granularity per_group needs group_size (e.g. 128) in "
+                            "the same protocol block")
         if block:
             raise GridError(f"method block for {method!r} has unknown keys {sorted(block)}")
         for w, a in bits:
@@ -116,7 +130,7 @@ def expand_methods(blocks: Iterable[dict]) -> list:
                     settings.append(dict(method=method, wbits=w, abits=a, order=k,
                                          budget=None if b is None else float(b),
                                          allocation=allocation if b is not None else "uniform",
-                                         options=options))
+                                         options=options, protocol=protocol))
     return settings
 
 
@@ -237,18 +251,18 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
             common.append(f"dataset.root={hydra_value(str(root))}")
         if ckpt:
             common.append(f"model.weights={hydra_value(ckpt)}")
-        common += [f"protocol.{k}={hydra_value(v)}" for k, v in sorted(protocol.items())]
         settings = []
         if mblock.get("fp32", True):
             settings.append(dict(method=FP32_METHOD, wbits=FLOAT_BITS, abits=FLOAT_BITS, order=1, budget=None,
-                                 allocation="uniform", options={}))
+                                 allocation="uniform", options={}, protocol={}))
         settings += expand_methods(mblock.get("methods", default_blocks))
         for m in sorted({s["method"] for s in settings} - {FP32_METHOD}):
             group_conf(conf_dir, "method", m)  # an unknown method fails here, at DAG time, not in every job
         for s in settings:
             # the float model's numbers depend on its dataset only, not on the quantization protocol
             fp = s["method"] == FP32_METHOD
-            tag = variant({} if fp else protocol, proto_defaults, s["options"], dataset, mconf.get("dataset"))
+            proto = {**protocol, **s["protocol"]}  # a method block's own protocol (e.g. per_group) over the grid's
+            tag = variant({} if fp else proto, proto_defaults, s["options"], dataset, mconf.get("dataset"))
             lab = job_label(label(s["method"], s["wbits"], s["abits"], s["order"], s["budget"], s["allocation"]), tag)
             if not re.fullmatch(JOB_LABEL_RE, lab):
                 raise GridError(f"label {lab!r} does not match {JOB_LABEL_RE}")
@@ -258,13 +272,14 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
                 ov += [f"method.wbits={s['wbits']}", f"method.abits={s['abits']}", f"method.order={s['order']}",
                        f"method.budget={hydra_value(s['budget'])}", f"method.allocation={s['allocation']}"]
                 ov += [f"++method.options.{k}={hydra_value(v)}" for k, v in sorted(s["options"].items())]
-            overrides = common + ov
+            overrides = common + [f"protocol.{k}={hydra_value(v)}" for k, v in sorted(proto.items())] + ov
             if key in seen:
                 if seen[key]["overrides"] != overrides:
                     raise GridError(f"two different settings of {model} map to the same folder {lab!r}; "
                                     "give them different methods/options or split the grid")
                 continue
             job = dict(task=task, model=model, dataset=dataset, label=lab, variant=tag, method=s["method"],
+                       group_size=proto.get("group_size") if proto.get("granularity") == "per_group" else None,
                        wbits=s["wbits"], abits=s["abits"], order=s["order"], budget=s["budget"],
                        allocation=s["allocation"], limit=limit, checkpoint=ckpt, overrides=overrides,
                        dir=relpath(rdir / "runs" / task / model / lab, project_root))
