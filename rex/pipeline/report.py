@@ -116,8 +116,8 @@ def setting(r) -> str:
 
 
 def best_rows(rows: list, metric: str) -> set:
-    """Indices of the best quantized row of each W/A setting (highest, or lowest for a lower-is-better metric;
-    ties all marked); FP32 is the reference, never the best."""
+    """Indices of the best quantized row of each W/A setting that holds two rows or more (highest, or lowest for
+    a lower-is-better metric; ties all marked); FP32 is the reference, never the best."""
     best: dict = {}
     sign = 1.0 if gridlib.higher_is_better(metric) else -1.0
     for i, r in enumerate(rows):
@@ -127,6 +127,8 @@ def best_rows(rows: list, metric: str) -> set:
         best.setdefault(setting(r), []).append((sign * float(v), i))
     out = set()
     for cands in best.values():
+        if len(cands) < 2:
+            continue  # nothing to compare with
         top = max(c[0] for c in cands)
         out |= {i for v, i in cands if v == top}
     return out
@@ -181,8 +183,8 @@ def caption(task: str, model: str, j) -> str:
     unit = {"text_similarity": "sentence pairs", "language_modeling": "windows"}.get(task, "images")
     n_txt = f"n = {int(float(n))} {unit}" if _isnum(n) else "n = ?"
     if task == "language_modeling" and _isnum(n) and _isnum(first("window", None)):
-        n_txt += (f" of {int(float(first('window')))} tokens, non-overlapping, {int(float(first('tokens', 0)))} "
-                  f"tokens; FP32 = the model as loaded")
+        n_txt = (f"{int(float(first('tokens', 0)))} tokens in {int(float(n))} non-overlapping window(s) of "
+                 f"{int(float(first('window')))}; FP32 = the model as loaded")
     noise = ""
     if task == "classification" and _isnum(n):
         fp = j[(j.method == "fp32") & (j.status == "ok")]
