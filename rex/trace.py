@@ -151,7 +151,7 @@ RANGE_RULES: dict[str, Callable] = {
     **{k: _mul for k in ("mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__")},
     **{k: _hull for k in _PASSTHROUGH},
     # a weight layer's output has no range of its own: only BN statistics (folded or following) give one
-    **{k: (lambda n, ivs, value, sigma: None) for k in ("conv2d", "conv1d", "linear", "conv_transpose2d")},
+    **{k: (lambda n, ivs, value, sigma: None) for k in ("conv1d", "conv2d", "conv3d", "linear", "conv_transpose2d")},
 }
 
 

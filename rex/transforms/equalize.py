@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..graph import Graph, record
+from ..nn.layers import CONVS
 from .base import Context, Transform
 from .modules import get_module, set_module
 
@@ -237,7 +238,8 @@ def _shift_exact(layer: nn.Module) -> bool:
     """A constant input shift maps to a constant output shift: no zero padding at the borders."""
     if isinstance(layer, nn.Linear):
         return True
-    if not isinstance(layer, nn.Conv2d) or type(layer).forward is not nn.Conv2d.forward:
+    base = next((c for c in CONVS if isinstance(layer, c)), None)
+    if base is None or type(layer).forward is not base.forward:
         return False  # a subclass may pad inside its forward
     pad = layer.padding
     return pad == "valid" or (not isinstance(pad, str) and not any(pad))
