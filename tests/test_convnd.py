@@ -210,7 +210,9 @@ def test_a_pure_conv1d_model_is_quantized():
     x = torch.randn(1, 3, 20)
     q = rex.quantize(m, method="rtn", wbits=8, abits=8, example_input=x)
     assert isinstance(q[0], QuantConv1d) and isinstance(q[2], QuantConv1d)
-    assert rex.bops(q, x) == (8 * 18 * 3 * 3 * 32 + 4 * 16 * 8 * 3 * 8) * 8  # first input float (no input_range)
+    # W8 weights; both inputs float: no input_range for the first, no BatchNorm (no data-free range) before the second
+    assert rex.bops(q, x) == (8 * 18 * 3 * 3 + 4 * 16 * 8 * 3) * 8 * 32
+    assert q.rex_info.extra["float_inputs"]["count"] == 2
     # without an example input the sequence length is unknown: the error names the shape to pass
     with pytest.raises(ConfigError, match=r"Conv1d: pass example_input of shape \(N, 3, L\)"):
         rex.quantize(m, method="rtn", wbits=8, abits=8)
@@ -276,9 +278,9 @@ def test_an_lstm_is_counted_and_shown_in_the_table_row(tmp_path):
     assert [r["float_layers"] for r in tcsv] == ["", "1"]
 
 
-def test_an_lstm_row_never_claims_zero_float_layers():
+def test_every_type_left_float_is_counted():
     """The count comes from the quantized model, not from a list of known types: a GRU and an attention's
-    packed in-projection are counted as well, and a Conv1d/Conv3d no longer is."""
+    packed in-projection are counted as well, and a Conv1d no longer is."""
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -296,6 +298,54 @@ def test_an_lstm_row_never_claims_zero_float_layers():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rex.api.FloatLayersWarning)
         q = rex.quantize(M().eval(), method="rtn", wbits=8, abits=None, example_input=torch.randn(1, 5, 6))
-    assert q.rex_info.extra["float_layers"] == {"GRU": ["gru"], "MultiheadAttention": ["att"]}
-    assert isinstance(q.conv, QuantConv1d) and isinstance(q.att.out_proj, QuantLayer)
+    # nn.MultiheadAttention reads its out_proj's weight directly (never calls the Linear): both stay float, and
+    # both are named
+    assert q.rex_info.extra["float_layers"] == {"GRU": ["gru"], "MultiheadAttention": ["att"],
+                                                "NonDynamicallyQuantizableLinear": ["att.out_proj"]}
+    assert isinstance(q.conv, QuantConv1d) and isinstance(q.fc, QuantLayer)
     assert math.isfinite(float(q(torch.randn(1, 5, 6)).abs().sum()))
+
+
+@pytest.mark.parametrize("net,x,macs,cls", CASES, ids=IDS)
+def test_int8_kernels_run_conv1d_and_conv3d(net, x, macs, cls):
+    """PyTorch's quantized Conv1d / Conv3d kernels serve the layers as they serve Conv2d: each term's int32
+    accumulation is the simulation's; only the output requantization (half an output step per term, and the clamp
+    to the data-free output range) differs. Checked on c2, whose input is unsigned (after ReLU): a signed input
+    (c1's, shifted by a zero point of 128) loses accuracy on the x86 kernels for Conv2d as much (their int16
+    pairwise sums saturate), a limit of the backend, not of the rank."""
+    from rex.backends.int8 import Int8Backend, copy_with_mode, to_int8_backend
+
+    q = copy_with_mode(_q(net(), x, wbits=8, abits=8, order=2), "int")
+    assert to_int8_backend(q)[1]["int8_layers"] == 2  # c1, c2; the logits layer has no output range
+    feats = {}
+    hook = q.c2.register_forward_pre_hook(lambda m, a: feats.__setitem__("c2", a[0]))
+    with torch.no_grad():
+        q(x)
+        hook.remove()
+        for name in ("c2",):
+            layer = getattr(q, name)
+            kernel = Int8Backend(layer)
+            a, b = kernel(feats[name]), layer(feats[name])
+            lo, hi = layer.out_range
+            inside = (b >= min(lo, 0.0)) & (b <= max(hi, 0.0))
+            half_steps = sum(t.mod.scale for t in kernel.terms) / 2
+            assert inside.float().mean() > 0.5
+            assert float((a - b)[inside].abs().max()) <= half_steps * 1.01 + 1e-6, name
+
+
+def test_layers_float_by_policy_or_quantized_in_place_are_not_counted_as_left_float():
+    """'Float layers' counts what rex could not quantize: not the first/last layers a policy keeps float on
+    purpose (planned, costed 32 x 32 in the BOPs, stated in the protocol), nor HQQ's layers (quantized in place,
+    no QuantLayer swapped in)."""
+    pytest.importorskip("hqq")
+    m = nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+    x = torch.randn(1, 3, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rex.api.FloatLayersWarning)
+        q = rex.quantize(m.eval(), method="rtn", wbits=4, abits=None, first_last="fp", example_input=x)
+        assert q.rex_info.extra["float_layers"] == {} and isinstance(q[2], QuantConv1d)
+        for fl in ("fp", "same"):
+            q = rex.quantize(m.eval(), method="hqq", wbits=4, abits=None, first_last=fl, example_input=x)
+            assert q.rex_info.extra["float_layers"] == {}, fl
+    assert q.rex_info.extra["quantized_in_place"] == ["0", "2", "5"]
+    assert (q[2].weight - m[2].weight).abs().max() > 0  # the Conv1d weight really was quantized by HQQ
