@@ -26,6 +26,9 @@ _PASSTHROUGH = {
     "chunk", "split", "narrow", "__getitem__", "squeeze", "unsqueeze", "clone", "mean", "cat", "concat",
     "stack", "pad", "max", "amax", "to", "float", "detach", "channel_shuffle", "repeat", "expand",
     "roll", "flip", "t", "unbind", "select", "index_select", "identity", "type_as", "__iter__",
+    # the 1-d / 3-d pooling of Conv1d / Conv3d nets (a max or mean of the input stays within its range)
+    "adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d",
+    "adaptive_max_pool3d",
 }
 _UNIT = {"sigmoid", "hardsigmoid", "softmax", "sigmoid_"}
 

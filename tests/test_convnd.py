@@ -349,3 +349,21 @@ def test_layers_float_by_policy_or_quantized_in_place_are_not_counted_as_left_fl
             assert q.rex_info.extra["float_layers"] == {}, fl
     assert q.rex_info.extra["quantized_in_place"] == ["0", "2", "5"]
     assert (q[2].weight - m[2].weight).abs().max() > 0  # the Conv1d weight really was quantized by HQQ
+
+
+@pytest.mark.parametrize("pools,x", [((nn.MaxPool1d(2), nn.AdaptiveAvgPool1d(1)), torch.randn(1, 4, 32)),
+                                     ((nn.MaxPool3d(2), nn.AdaptiveAvgPool3d(1)), torch.randn(1, 4, 4, 8, 8))],
+                         ids=["1d", "3d"])
+def test_ranges_and_equalization_pass_through_1d_and_3d_pooling(pools, x):
+    conv = nn.Conv1d if x.dim() == 3 else nn.Conv3d
+    bn = nn.BatchNorm1d if x.dim() == 3 else nn.BatchNorm3d
+    m = nn.Sequential(conv(4, 8, 3, padding=1), bn(8), nn.ReLU(), pools[0], conv(8, 8, 3, padding=1), bn(8),
+                      nn.ReLU(), pools[1], nn.Flatten(), nn.Linear(8, 3)).eval()
+    _set_bn(m[1], 7)
+    _set_bn(m[5], 8)
+    q = rex.quantize(m, method="dfq", wbits=8, abits=8, first_last="same", example_input=x, input_range=(-3, 3))
+    assert q.rex_info.extra["float_inputs"]["count"] == 0, q.rex_info.notes  # the pooled inputs have ranges
+    assert q.rex_info.transforms["equalize"]["pairs"] == [("0", "4"), ("4", "9")]
+    with torch.no_grad():
+        y, yq = m(x), q(x)
+    assert (yq - y).abs().max() < 0.05 * y.abs().max()

@@ -33,7 +33,8 @@ from .equalize import apply_to_constant
 Stat = Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]  # (mean [C], var [C] or None)
 
 _KEEP_MEAN = {"dropout", "dropout2d", "avg_pool2d", "adaptive_avg_pool2d", "avg_pool1d", "contiguous", "clone",
-              "detach", "identity", "pad", "to", "float", "type_as"}
+              "detach", "identity", "pad", "to", "float", "type_as",
+              "dropout1d", "dropout3d", "adaptive_avg_pool1d", "avg_pool3d", "adaptive_avg_pool3d"}
 
 
 def _phi(z: torch.Tensor) -> torch.Tensor:

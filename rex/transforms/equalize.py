@@ -35,10 +35,14 @@ from .modules import get_module, set_module
 # ops through which a per-channel positive scale passes unchanged (relu(s x) = s relu(x), ...)
 HOMOGENEOUS = {"relu", "dropout", "max_pool2d", "max_pool1d", "adaptive_max_pool2d", "avg_pool2d", "avg_pool1d",
                "adaptive_avg_pool2d", "flatten", "contiguous", "clone", "pad", "mean", "identity", "detach",
-               "dropout2d", "feature_alpha_dropout", "alpha_dropout"}
+               "dropout2d", "feature_alpha_dropout", "alpha_dropout",
+               "adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d",
+               "adaptive_max_pool3d", "dropout1d", "dropout3d"}
 # of those, the ops that also commute with a per-channel shift (needed for high-bias absorption)
 SHIFT_COMMUTING = {"relu", "dropout", "max_pool2d", "max_pool1d", "adaptive_max_pool2d", "adaptive_avg_pool2d",
-                   "flatten", "contiguous", "clone", "mean", "identity", "detach", "dropout2d"}
+                   "flatten", "contiguous", "clone", "mean", "identity", "detach", "dropout2d",
+                   "adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool3d", "adaptive_avg_pool3d",
+                   "adaptive_max_pool3d", "dropout1d", "dropout3d"}
 
 
 @dataclass
