@@ -127,8 +127,12 @@ def module_order_trace(model: nn.Module) -> TraceResult:
     spec (abits=None) gets no example input and the model has no convolution (whose MACs need a spatial
     size) and no BatchNorm (whose folding needs the data flow)."""
     tr = TraceResult()
+    # nn.MultiheadAttention reads its out_proj's weight directly (F.multi_head_attention_forward), never calling
+    # the Linear: a swapped QuantLayer there would break its forward; the traced plan never sees it either
+    inside_mha = {f"{n}.out_proj" if n else "out_proj" for n, mod in model.named_modules()
+                  if isinstance(mod, nn.MultiheadAttention)}
     for name, mod in model.named_modules():
-        if not layer_filter(name, mod):
+        if not layer_filter(name, mod) or name in inside_mha:
             continue
         w = canonical_weight(mod)
         tr.order.append(name)

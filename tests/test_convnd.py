@@ -367,3 +367,26 @@ def test_ranges_and_equalization_pass_through_1d_and_3d_pooling(pools, x):
     with torch.no_grad():
         y, yq = m(x), q(x)
     assert (yq - y).abs().max() < 0.05 * y.abs().max()
+
+
+def test_weight_only_without_example_input_leaves_attention_out_proj_float():
+    """Planned without a forward pass, nn.MultiheadAttention's out_proj was swapped for a QuantLayer, and the
+    model's forward then failed ('QuantLinear' object has no attribute 'weight'): the attention reads that weight
+    itself. It stays float now, counted and named like the traced plan does."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h, _ = self.att(x, x, x)
+            return self.fc(h[:, -1])
+
+    m = M().eval()
+    with pytest.warns(rex.api.FloatLayersWarning, match="att.out_proj"):
+        q = rex.quantize(m, method="rtn", wbits=8, abits=None)
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad():
+        assert (q(x) - m(x)).abs().max() < 0.05 * m(x).abs().max()
+    assert isinstance(q.fc, QuantLayer)
