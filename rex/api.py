@@ -216,6 +216,8 @@ def float_layers(qmodel: nn.Module, skip=()) -> dict:
                 out.setdefault(type(child).__name__, []).append(full)
             walk(child, full)
 
+    if not isinstance(qmodel, (QuantLayer, *_LOOKUP)) and any(p.dim() >= 2 for p in qmodel.parameters(recurse=False)):
+        out.setdefault(type(qmodel).__name__, []).append("<model>")  # the model itself is one such layer (an nn.GRU)
     walk(qmodel, "")
     return out
 

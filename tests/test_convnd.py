@@ -390,3 +390,8 @@ def test_weight_only_without_example_input_leaves_attention_out_proj_float():
     with torch.no_grad():
         assert (q(x) - m(x)).abs().max() < 0.05 * m(x).abs().max()
     assert isinstance(q.fc, QuantLayer)
+
+
+def test_a_bare_recurrent_layer_is_named():
+    with pytest.raises(ConfigError, match=r"nothing to quantize; .*GRU x1 \(<model>\)"):
+        rex.quantize(nn.GRU(3, 3), method="rtn", example_input=torch.zeros(2, 3))
