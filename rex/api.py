@@ -6,8 +6,9 @@ low < high), the model's dtype (float16 / bfloat16 / float64 models are quantize
 a warning), BatchNorm statistics (a negative running variance is named as such), weight magnitudes where
 float32 arithmetic would overflow, and the example input (it must run through the model; a wrong channel count
 names the shape the first layer expects). Afterwards every layer with a matrix or convolution weight that was
-not quantized (Conv1d, Conv3d, LSTM, an attention's packed projection, ...) is counted and named in
-``qmodel.rex_info.extra["float_layers"]``, in ``rex_info.notes`` and in a ``FloatLayersWarning``.
+not quantized (LSTM, GRU, an attention's packed projection, ConvTranspose3d, ...) is counted and named in
+``qmodel.rex_info.extra["float_layers"]``, in ``rex_info.notes`` and in a ``FloatLayersWarning``; layers kept
+float by the first/last policy and layers a method quantized in place (HQQ) are not "left float".
 """
 from __future__ import annotations
 
