@@ -395,3 +395,20 @@ def test_weight_only_without_example_input_leaves_attention_out_proj_float():
 def test_a_bare_recurrent_layer_is_named():
     with pytest.raises(ConfigError, match=r"nothing to quantize; .*GRU x1 \(<model>\)"):
         rex.quantize(nn.GRU(3, 3), method="rtn", example_input=torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("conv,x", [(nn.Conv1d(3, 4, 3, padding=1), torch.randn(3, 10)),
+                                    (nn.Conv2d(3, 4, 3, padding=1), torch.randn(3, 6, 6)),
+                                    (nn.Conv3d(3, 4, 3, padding=1), torch.randn(3, 4, 4, 4))], ids=["1d", "2d", "3d"])
+def test_unbatched_conv_input_runs_in_integer_mode(conv, x):
+    """torch convolutions accept an unbatched input (C, *spatial); the integer path failed on it."""
+    m = nn.Sequential(nn.ReLU(), conv).eval()
+    q = rex.quantize(m, method="rex", wbits=8, abits=8, order=2, first_last="same", mode="int", example_input=x,
+                     input_range=(-3, 3))
+    with torch.no_grad():
+        y, yq = m(x), q(x)
+        fake = rex.quantize(m, method="rex", wbits=8, abits=8, order=2, first_last="same", example_input=x,
+                            input_range=(-3, 3))(x)
+    assert yq.shape == y.shape and (yq - fake).abs().max() <= 1e-4 * fake.abs().max()
+    accs = q[1].int_accumulators(q[0](x))
+    assert len(accs) == 2 and accs[0].shape == y.shape

@@ -420,6 +420,8 @@ class QuantLayer(nn.Module):
         For tests and for checking a kernel against the simulation."""
         if self.act is None:
             raise ValueError(f"layer {self.layer_name}: its input is not quantized, there is no integer accumulator")
+        if self._unbatched(x):
+            return [a.squeeze(0) for a in self.int_accumulators(x.unsqueeze(0))]
         plan = self._int_plan(max(abs(self.act.qmin), abs(self.act.qmax)))
         if plan["path"] == "none":
             return []
@@ -437,6 +439,11 @@ class QuantLayer(nn.Module):
             return [16 * parts[2 * k] + parts[2 * k + 1] for k in range(plan["n_terms"])]
         return parts
 
+    def _unbatched(self, x: torch.Tensor) -> bool:
+        """A convolution's unbatched input ((C, L), (C, H, W), (C, D, H, W), as torch accepts): the integer
+        path's channel reshapes need the batch dimension, so it runs as a batch of one."""
+        return is_conv(self.inner) and x.dim() == len(self._wshape) - 1
+
     def forward_int(self, x: torch.Tensor) -> torch.Tensor:
         """Integer-exact: sum_k s_k * s_x * (q_x (*) q_k) + bias, every integer accumulation exact.
 
@@ -446,6 +453,8 @@ class QuantLayer(nn.Module):
         digits (q = 16 h + l) when both digits' accumulations stay below 2^24 (``int_path``); float64 (exact
         below 2^53) otherwise. The exact accumulators are then rescaled per channel in float32, as an int8 kernel's
         requantization does (float64 on the float64 path)."""
+        if self._unbatched(x):
+            return self.forward_int(x.unsqueeze(0)).squeeze(0)
         if self.act is not None:
             qx_max = max(abs(self.act.qmin), abs(self.act.qmax))
             sx = self.act._scales()[0]
