@@ -132,6 +132,7 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
         role = "first" if i == 0 else "last" if i == len(order) - 1 else "body"
         bits = spec.wbits
         if role != "body" and spec.first_last == "fp":
+            info.extra.setdefault("float_by_policy", []).append(name)
             continue
         if role != "body" and spec.first_last == "8bit":
             bits = max(8, spec.wbits)
@@ -150,6 +151,7 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
     n = sum(r["weights"] for r in layers)
     info.extra["hqq"] = dict(version=HQQ_VERSION, group_size=group_size, layers=layers,
                              bits_per_weight=(sum(r["bits_per_weight"] * r["weights"] for r in layers) / n) if n else None)
+    info.extra["quantized_in_place"] = [r["name"] for r in layers]  # not "left float" (rex.api.planned_float)
     info.seconds = time.perf_counter() - t0
     m.rex_info = info
     return m
