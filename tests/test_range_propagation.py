@@ -240,3 +240,16 @@ def test_unknown_value_is_a_one_line_error_naming_the_choices():
     with pytest.raises(ValueError, match="range propagation must be one of"):
         ranges(record(nn.Linear(2, 2), torch.zeros(1, 2)), propagation="sideways")
     assert set(RANGE_PROPAGATIONS) == set(LAYER_RANGE_RULES)  # the spec's choices are the rules' keys
+
+
+def test_pipeline_protocol_block_records_it_and_a_non_default_value_gets_its_own_folder():
+    from rex.paths import PROJECT_ROOT
+    from rex.pipeline import grid as gridlib
+
+    defaults = gridlib.protocol_defaults(PROJECT_ROOT / "conf")
+    assert defaults["range_propagation"] == "none"
+    assert gridlib.variant(dict(defaults), defaults) == ""  # the default grid's folders keep their names
+    tags = {p: gridlib.variant({**defaults, "range_propagation": p}, defaults) for p in ("moments", "interval")}
+    assert all(tags.values()) and tags["moments"] != tags["interval"]
+    spec = QuantSpec.from_config({"name": "rex", "wbits": 4, "abits": 8}, {**defaults, "range_propagation": "moments"})
+    assert spec.range_propagation == "moments" and spec.to_dict()["range_propagation"] == "moments"
