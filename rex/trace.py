@@ -292,7 +292,7 @@ def _m_add(n, st) -> Optional[Moments]:
 def _m_scale(n, st) -> Optional[Moments]:
     m = st.moments(n.args[0])
     k = n.args[1] if len(n.args) > 1 else None
-    if m is None or not isinstance(k, (int, float)) or isinstance(k, bool):
+    if m is None or not isinstance(k, (int, float)) or isinstance(k, bool) or ("div" in n.op and k == 0):
         return None
     k = 1.0 / k if "div" in n.op else float(k)
     return Moments(m.mean * k, m.std * abs(k), m.dim)
