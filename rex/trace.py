@@ -268,7 +268,8 @@ def _m_prelu(n, st) -> Optional[Moments]:
         slope = n.args[1] if len(n.args) > 1 else n.kwargs.get("negative_slope", 0.01)
     else:
         slope = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-    if m is None or (isinstance(slope, torch.Tensor) and slope.numel() not in (1, m.mean.numel())):
+    per_channel = isinstance(slope, torch.Tensor) and slope.numel() > 1  # PReLU(C): one slope per channel of axis 1
+    if m is None or (per_channel and (m.dim != 1 or slope.numel() != m.mean.numel())):
         return None
     return prelu_moments(m, slope)
 

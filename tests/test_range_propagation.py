@@ -253,3 +253,37 @@ def test_pipeline_protocol_block_records_it_and_a_non_default_value_gets_its_own
     assert all(tags.values()) and tags["moments"] != tags["interval"]
     spec = QuantSpec.from_config({"name": "rex", "wbits": 4, "abits": 8}, {**defaults, "range_propagation": "moments"})
     assert spec.range_propagation == "moments" and spec.to_dict()["range_propagation"] == "moments"
+
+
+def test_espnet_dilated_conv_inputs_get_ranges():
+    """ESPNet's ESP blocks: a BN-free 1x1/3x3 reduction feeds five dilated convs (65 of 85 layer inputs)."""
+    from rex.models.espnet import ESPNet
+
+    torch.manual_seed(0)
+    net = ESPNet(12).eval()
+    cov = {p: rex.activation_coverage(rex.quantize(net, method="rtn", wbits=4, abits=8,
+                                                   example_input=torch.zeros(1, 3, 64, 64), input_range=(-0.01, 0.01),
+                                                   range_propagation=p)) for p in RANGE_PROPAGATIONS}
+    assert cov["none"]["act_float"] == 65 and cov["none"]["act_layers"] == 85
+    assert all(n.endswith(("d1.conv", "d2.conv", "d4.conv", "d8.conv", "d16.conv")) for n in cov["none"]["act_float_layers"])
+    for p in ("moments", "interval"):
+        assert cov[p]["act_float"] == 0 and cov[p]["act_propagated"] == 65, p
+
+
+def test_bert_attention_output_and_ffn_output_inputs_get_ranges():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 99, (1, 12))
+    ex = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    q = rex.quantize(model, wbits=8, abits=8, example_input=ex, range_propagation="moments")
+    c = rex.activation_coverage(q)
+    assert c["act_float"] == 0 and c["act_propagated"] == 4  # after the attention average and after GELU
+    assert "LayerNorm statistics" in c["act_ranges"] and "propagated (moments)" in c["act_ranges"]
+    propagated = sorted(p.name for p in q.rex_info.plans if p.range_source)
+    assert all(n.endswith(("attention.output.dense", "output.dense")) for n in propagated)
+    with torch.no_grad():
+        ref, out = model(**ex).last_hidden_state, q(**ex).last_hidden_state
+    assert float((out - ref).abs().max()) < 0.1 * float(ref.abs().max())
