@@ -265,7 +265,8 @@ def test_espnet_dilated_conv_inputs_get_ranges():
                                                    example_input=torch.zeros(1, 3, 64, 64), input_range=(-0.01, 0.01),
                                                    range_propagation=p)) for p in RANGE_PROPAGATIONS}
     assert cov["none"]["act_float"] == 65 and cov["none"]["act_layers"] == 85
-    assert all(n.endswith(("d1.conv", "d2.conv", "d4.conv", "d8.conv", "d16.conv")) for n in cov["none"]["act_float_layers"])
+    dilated = ("d1.conv", "d2.conv", "d4.conv", "d8.conv", "d16.conv")
+    assert all(n.endswith(dilated) for n in cov["none"]["act_float_layers"])
     for p in ("moments", "interval"):
         assert cov[p]["act_float"] == 0 and cov[p]["act_propagated"] == 65, p
 
