@@ -7,7 +7,7 @@ their shapes, and which Conv2d output feeds only a BatchNorm (BN folding, ``Grap
 
 A weight layer's output has a range only under a range propagation (``QuantSpec.range_propagation``,
 ``LAYER_RANGE_RULES``): ``none`` (no range: only BN/LN statistics give one), ``moments`` (the per-channel
-moments of its input, propagated from the preceding BN/LN by ``MOMENT_RULES``, carried through the layer,
+moments of its input, propagated from the preceding BN/LN by ``RANGE_MOMENT_RULES``, carried through the layer,
 then n sigma) or ``interval`` (sound interval arithmetic from its input's range and its weights). Every
 range derived through a weight layer is tagged (``TraceResult.input_source``: "propagated (moments)"), so a
 result row says where its ranges came from.
@@ -169,7 +169,7 @@ def _no_propagation(n, ivs, value, sigma) -> Interval:
 
 
 def _moments_propagation(n, ivs, value, sigma) -> Interval:
-    m = value.moments(n.out)  # MOMENT_RULES ran first on this call
+    m = value.moments(n.out)  # RANGE_MOMENT_RULES ran first on this call
     return None if m is None else bn_interval(m.mean, m.std, sigma)
 
 
@@ -325,8 +325,10 @@ def _m_flatten(n, st) -> Optional[Moments]:
 
 
 # op name -> rule(node, state) -> Moments of its output, for range_propagation='moments' only (the interval
-# rules above do not read them). Sources: BatchNorm and LayerNorm; an op not listed loses the moments.
-MOMENT_RULES: dict[str, Callable] = {
+# rules above do not read them). Sources: BatchNorm and LayerNorm; an op not listed loses the moments. Kept
+# apart from bias correction's MOMENT_RULES (rex.transforms.bias_correction: E[x] of folded nets, along axis 1)
+# so that DFQ's numbers do not move with it: these track the channel axis (tokens: the last) and the BN/LN calls.
+RANGE_MOMENT_RULES: dict[str, Callable] = {
     **{k: _m_norm for k in ("batch_norm", "layer_norm")},
     **{k: _m_layer for k in ("conv2d", "conv1d", "linear")},
     **{k: _m_clip for k in ("relu", "relu6", "hardtanh", "clamp", "clip")},
@@ -444,7 +446,7 @@ def ranges(graph: Graph, sigma: float = 6.0, input_range: Interval = None,
             if n.meta or not n.outputs:
                 continue
             if propagation == "moments":  # first: the weight layers' range rule reads their output's moments
-                mrule = MOMENT_RULES.get(n.op)
+                mrule = RANGE_MOMENT_RULES.get(n.op)
                 mo = mrule(n, st) if mrule is not None else None
                 for t in n.outputs:
                     st.mo[id(t)] = mo
