@@ -95,6 +95,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="fake", choices=["fake", "int"])
     p.add_argument("--first-last", default="8bit", choices=["8bit", "same", "fp"])
     p.add_argument("--act-sigma", type=_float("act-sigma"), default=None)
+    p.add_argument("--range-propagation", default="none", choices=["none", "moments", "interval"],
+                   help="range of a layer input no BatchNorm/LayerNorm precedes, through the preceding layer")
     p.add_argument("--seed", type=_int("seed"), default=0, help="seed of every random draw (ZeroQ)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method-specific option")
 
@@ -121,8 +123,9 @@ def spec_from_args(a):
             opts[k] = v
     return QuantSpec(
         method=a.method, wbits=a.wbits, abits=a.abits, order=a.order, budget=a.budget, allocation=a.allocation,
-        granularity=a.granularity, group_size=a.group_size, symmetric=not a.asymmetric, mode=a.mode, first_last=a.first_last,
-        act_sigma=a.act_sigma, seed=a.seed, options=opts,
+        granularity=a.granularity, group_size=a.group_size, symmetric=not a.asymmetric, mode=a.mode,
+        first_last=a.first_last, act_sigma=a.act_sigma, seed=a.seed, options=opts,
+        range_propagation=a.range_propagation,
     )
 
 

@@ -33,7 +33,7 @@ from .expansion import (
     select_masks,
     sparse_from_dense,
 )
-from .nn.layers import ActQuantizer, QuantLayer, canonical_weight, is_embedding, is_quantizable, make_quant_layer
+from .nn.layers import CONVS, ActQuantizer, QuantLayer, canonical_weight, is_embedding, is_quantizable, make_quant_layer
 from .quant import WeightQuantizer, check_finite, round_nearest
 from .quant.threads import quant_threads
 from .trace import TraceResult, ranges
@@ -58,6 +58,7 @@ class LayerPlan:
     input_range: Optional[tuple[float, float]]
     role: str  # first | last | body
     quantize: bool = True
+    range_source: Optional[str] = None  # "propagated (moments)" etc. when derived through a preceding layer
 
 
 @dataclass
@@ -82,13 +83,25 @@ def check_model_weights(model: nn.Module) -> None:
                 raise WeightError(f"{e}. Nothing was quantized.") from None
 
 
+QUANTIZED_KINDS = "Conv1d, Conv2d, Conv3d, ConvTranspose2d, Linear, Hugging Face Conv1D or Embedding"
+
+
 def default_example_input(model: nn.Module) -> torch.Tensor:
+    """An input for the first Conv2d (1 x C x 224 x 224) or Linear (1 x features) of ``model``. A Conv1d or
+    Conv3d model has no customary input size (a sequence length, a clip length): its MACs and BOPs depend on
+    it, so it must be given."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             return torch.zeros((1, m.in_channels, *DEFAULT_INPUT_SHAPE[2:]))
+        if isinstance(m, (nn.Conv1d, nn.Conv3d)):
+            dims = "L" if isinstance(m, nn.Conv1d) else "D, H, W"
+            eg = "128" if isinstance(m, nn.Conv1d) else "16, 112, 112"
+            raise ConfigError(f"the model's first layer is a {type(m).__name__}: pass example_input of shape "
+                              f"(N, {m.in_channels}, {dims}), e.g. torch.zeros(1, {m.in_channels}, {eg}); its size "
+                              "sets the MACs and BOPs")
         if isinstance(m, nn.Linear):
             return torch.zeros((1, m.in_features))
-    raise ConfigError("model has no Conv2d or Linear layer: nothing to quantize")
+    raise ConfigError(f"model has no {QUANTIZED_KINDS} layer: nothing to quantize")
 
 
 def layer_filter(name: str, m: nn.Module) -> bool:
@@ -115,8 +128,12 @@ def module_order_trace(model: nn.Module) -> TraceResult:
     spec (abits=None) gets no example input and the model has no convolution (whose MACs need a spatial
     size) and no BatchNorm (whose folding needs the data flow)."""
     tr = TraceResult()
+    # nn.MultiheadAttention reads its out_proj's weight directly (F.multi_head_attention_forward), never calling
+    # the Linear: a swapped QuantLayer there would break its forward; the traced plan never sees it either
+    inside_mha = {f"{n}.out_proj" if n else "out_proj" for n, mod in model.named_modules()
+                  if isinstance(mod, nn.MultiheadAttention)}
     for name, mod in model.named_modules():
-        if not layer_filter(name, mod):
+        if not layer_filter(name, mod) or name in inside_mha:
             continue
         w = canonical_weight(mod)
         tr.order.append(name)
@@ -128,7 +145,7 @@ def module_order_trace(model: nn.Module) -> TraceResult:
 
 
 def _needs_forward(model: nn.Module) -> bool:
-    return any(isinstance(x, (nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm)) for x in model.modules())
+    return any(isinstance(x, (*CONVS, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm)) for x in model.modules())
 
 
 def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
@@ -147,7 +164,8 @@ def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
         if rng is None or is_embedding(m):
             abits = None  # no data-free range: input left in float (recorded); an Embedding reads ids
         plans.append(LayerPlan(name, wbits, abits, order, module_macs(m, tr.input_shape[name], tr.output_shape.get(name, ())),
-                               canonical_weight(m).shape[0], rng, role, quant))
+                               canonical_weight(m).shape[0], rng, role, quant,
+                               tr.input_source.get(name) if abits is not None else None))
     return plans
 
 
@@ -244,21 +262,23 @@ def _quantize_model(
     elif transforms is None:
         # no preparation: one recording serves both folding and ranges: a BN's output range is the same whether it is
         # folded or not, and folding renames nothing
-        tr = ranges(ctx.graph(m), sigma=spec.sigma, input_range=input_range)
+        tr = ranges(ctx.graph(m), sigma=spec.sigma, input_range=input_range, propagation=spec.range_propagation)
         run_transforms(m, fold, ctx)
         for conv, bn in ctx.folded:
             tr.output_range[conv] = tr.bn_output_range.get(bn)
     else:
         # a method's transforms (a list, even empty): the ranges come from the BN statistics they kept in step
         run_transforms(m, [*fold, *transforms], ctx)
-        tr = ranges(ctx.graph(m), sigma=spec.sigma, input_range=input_range, output_stats=ctx.stats)
+        tr = ranges(ctx.graph(m), sigma=spec.sigma, input_range=input_range, output_stats=ctx.stats,
+                    propagation=spec.range_propagation)
     info.folded = ctx.folded
     ctx.invalidate()  # the recording keeps every activation of the pass alive: not needed from here on
     if not tr.order:
-        raise ConfigError("model has no Conv2d or Linear layer reached by the example input: nothing to quantize")
+        raise ConfigError(f"model has no {QUANTIZED_KINDS} layer reached by the example input: nothing to quantize")
     if range_override:
         for k, v in range_override.items():
             tr.input_range[k] = v
+            tr.input_source.pop(k, None)  # the override's own source (e.g. ZeroQ's distilled data)
     plans = plan_layers(m, tr, spec)
     if quantizer_factory is None:
         quantizer_factory = lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity,  # noqa: E731
@@ -277,7 +297,7 @@ def _quantize_model(
         act = None
         if p.abits is not None and p.input_range is not None:
             act = ActQuantizer(p.abits, p.input_range[0], p.input_range[1],
-                               source="input" if p.role == "first" else "bn-propagated")
+                               source="input" if p.role == "first" else p.range_source or "bn-propagated")
         rec = reconstruct(terms)
         layer = make_quant_layer(inner, terms, act, p.wbits, name=p.name, mode=spec.mode, dequantized=rec)
         # measured error vs the bound of method.md §2 at each row's effective order

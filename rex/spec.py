@@ -19,6 +19,7 @@ GRANULARITIES = ("per_channel", "per_tensor", "per_group")
 MODES = ("fake", "int")
 FIRST_LAST = ("8bit", "same", "fp")
 CRITERIA = ("residual", "weight")
+RANGE_PROPAGATIONS = ("none", "moments", "interval")  # rex.trace.LAYER_RANGE_RULES
 FLOAT_BITS = 32
 
 # Data-free activation range: max_c(beta_c + n |gamma_c|). Fewer bits -> clip harder (coarser grid), as
@@ -51,6 +52,9 @@ class QuantSpec:
     first_last   '8bit': first/last layers W8A8, order 1; 'same': quantized like the rest; 'fp': left float
     act_sigma    n in beta + n|gamma| for data-free activation ranges (None = by bit-width)
     criterion    neuron selection for sparse orders: 'residual' norm or 'weight' norm
+    range_propagation  data-free range of a layer input no BatchNorm/LayerNorm precedes, through the preceding
+                 layer: 'none' (input left float), 'moments' (the BN/LN moments carried through it, then n
+                 sigma) or 'interval' (sound interval arithmetic from its weights) (rex.trace)
     fold_bn      fold BatchNorm into the preceding conv before quantizing
     seed         for methods that draw random numbers (ZeroQ)
     options      method-specific settings (e.g. {'expand_ratio': 0.02} for OCS), validated into the method's
@@ -73,6 +77,7 @@ class QuantSpec:
     seed: int = 0
     options: dict = field(default_factory=dict)
     group_size: Optional[int] = None
+    range_propagation: str = "none"
 
     def __post_init__(self):
         if not isinstance(self.method, str):
@@ -108,7 +113,8 @@ class QuantSpec:
                     "(None = the dense expansion)"
                 )
         for key, allowed in (("allocation", ALLOCATIONS), ("granularity", GRANULARITIES), ("mode", MODES),
-                             ("first_last", FIRST_LAST), ("criterion", CRITERIA)):
+                             ("first_last", FIRST_LAST), ("criterion", CRITERIA),
+                             ("range_propagation", RANGE_PROPAGATIONS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.granularity == "per_group" and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
@@ -185,6 +191,8 @@ class QuantSpec:
         d = dataclasses.asdict(self)
         if d["group_size"] is None:  # absent unless per_group, so the hashes of earlier specs are unchanged
             del d["group_size"]
+        if d["range_propagation"] == "none":  # likewise: absent at its default
+            del d["range_propagation"]
         d["act_sigma_effective"] = self.sigma
         return d
 
@@ -199,4 +207,4 @@ class QuantSpec:
 # keys of the pipeline's config groups that map onto QuantSpec fields (``QuantSpec.from_config``)
 METHOD_KEYS = ("name", "display", "wbits", "abits", "order", "budget", "allocation", "options")
 PROTOCOL_KEYS = ("granularity", "group_size", "symmetric", "mode", "first_last", "act_sigma", "criterion", "fold_bn",
-                 "seed")
+                 "seed", "range_propagation")

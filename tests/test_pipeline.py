@@ -21,7 +21,7 @@ ROOT = PROJECT_ROOT
 GRIDS = sorted((ROOT / "conf" / "grid").glob("*.yaml"))
 # variant (the folder's ,p=<hash>, '' for the default protocol) and commit appended by issue 12 item 7
 SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status",
-                   "variant", "commit"]
+                   "variant", "commit", "float_layers"]
 
 
 def snakemake(*args, timeout=900):

@@ -145,6 +145,7 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
         role = "first" if i == 0 else "last" if i == len(order) - 1 else "body"
         bits = spec.wbits
         if role != "body" and spec.first_last == "fp":
+            info.extra.setdefault("float_by_policy", []).append(name)
             continue
         if role != "body" and spec.first_last == "8bit":
             bits = max(8, spec.wbits)
@@ -157,7 +158,6 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
             info.notes.append(f"hqq: {name} (input size {w2.shape[1]}) per channel: group {group_size} does not divide it")
         dq = hqq_dequantized(w2, bits, gs).reshape(w.shape).to(w.dtype)
         mod.weight = nn.Parameter(dq, requires_grad=False)  # a new parameter: unties a shared embedding
-        mod.rex_weight_quantized_by = "hqq"  # quantized, although not a QuantLayer (rex.api.float_layers)
         layers.append(dict(name=name, role=role, wbits=bits, group_size=gs,
                            bits_per_weight=bits_per_weight(bits, gs, w2.shape[1]), weights=w.numel(),
                            mean_abs_err=float((dq.float() - w.float()).abs().mean())))
@@ -166,6 +166,7 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
     info.extra["float_inputs"] = dict(count=len(layers), of=len(layers), names=[r["name"] for r in layers])
     info.extra["hqq"] = dict(version=HQQ_VERSION, group_size=group_size, layers=layers,
                              bits_per_weight=(sum(r["bits_per_weight"] * r["weights"] for r in layers) / n) if n else None)
+    info.extra["quantized_in_place"] = [r["name"] for r in layers]  # not "left float" (rex.api.planned_float)
     info.seconds = time.perf_counter() - t0
     m.rex_info = info
     return m

@@ -1,6 +1,11 @@
 """Job folders -> ``summary.csv`` (long: one row per job and metric) and ``jobs.csv`` (one row per job).
 
-``summary.csv`` columns, exactly: ``task, model, method, wbits, abits, order, budget, bops, metric, value, status``
+``summary.csv`` columns, exactly: ``task, model, method, wbits, abits, order, budget, bops, metric, value, status,
+variant, commit, float_layers``
+
+- ``float_layers``: how many weight layers of the job's model were left float because rex does not quantize
+  their type (LSTM, GRU, an attention's packed in-projection, ...); jobs.csv also names them
+  (``float_layer_names``). Empty for FP32 rows and records from before the column existed.
 
 - FP32 rows: method ``fp32``, wbits = abits = 32, order 1, empty budget.
 - Metrics: classification ``top1, top5, agreement, kl``; detection ``AP, AP50, AP75``; segmentation ``mIoU``;
@@ -28,13 +33,13 @@ from . import grid as gridlib
 # `variant` (the folder's p= hash: '' for the default protocol) and `commit` (the checkout that computed the row)
 # come last, so that the columns before them keep their meaning and order.
 SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status",
-                   "variant", "commit"]
+                   "variant", "commit", "float_layers"]
 JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "label", "method", "base_method",
                "allocation", "wbits", "abits", "order", "budget", "status", "bops", "plain_bops", "fp32_bops", "n",
                "primary_metric", "primary_value", "fp32_primary", "first_last", "granularity", "symmetric", "mode",
                "act_sigma", "act_layers", "act_float", "act_ranges", "act_points", "config_hash", "wall_seconds",
                "cpu_seconds", "peak_rss_mb", "error", "dir", "variant", "commit", "float_layers", "previous_failure",
-               "bits_per_weight", "group_size", "reason", "window", "tokens"]
+               "float_layer_names", "bits_per_weight", "group_size", "reason", "window", "tokens"]
 # A job's status: ok, failed, or n/a (the method does not apply to the model, e.g. DFQ without BatchNorm: a final
 # result with its ``reason``, shown as "n/a (<reason>)" in the tables).
 STATUSES = ("ok", "failed", "n/a")
@@ -120,7 +125,10 @@ def job_row(rec: dict) -> dict:
         "dir": rec.get("dir"),
         "variant": gridlib.split_variant(rec.get("label") or Path(rec.get("dir") or "").name)[1],
         "commit": commit_of(rec),
-        "float_layers": _num((rec.get("details") or {}).get("float_layers")),
+        # weight layers of a type rex does not quantize (LSTM, GRU, an attention's packed projection, ...): left
+        # float and out of the BOPs; counted and named so that a row never claims more than was quantized
+        "float_layers": _num(det.get("float_layers")),
+        "float_layer_names": float_layer_names(det.get("float_layer_names")),
         "previous_failure": rec.get("previous_failure") or "",
         # the cost of a weight-only row: bits per weight with scales, zero points and masks (32 for FP32)
         "bits_per_weight": _num(rec.get("bits_per_weight")),
@@ -128,6 +136,13 @@ def job_row(rec: dict) -> dict:
         "reason": rec.get("reason") or "",
         "window": _num(det.get("window")), "tokens": _num(det.get("tokens")),
     }
+
+
+def float_layer_names(names) -> str:
+    """{'LSTM': ['lstm'], 'GRU': ['a', 'b']} -> 'GRU: a, b; LSTM: lstm' ('' when none)."""
+    if not isinstance(names, dict):
+        return ""
+    return "; ".join(f"{kind}: {', '.join(map(str, v))}" for kind, v in sorted(names.items()) if v)
 
 
 def commit_of(rec: dict) -> str:
@@ -145,7 +160,7 @@ def summary_rows(rec: dict) -> list:
         rows.append({"task": j["task"], "model": j["model"], "method": j["method"], "wbits": j["wbits"],
                      "abits": j["abits"], "order": j["order"], "budget": j["budget"], "bops": j["bops"],
                      "metric": metric, "value": _num(value), "status": j["status"], "variant": j["variant"],
-                     "commit": j["commit"]})
+                     "commit": j["commit"], "float_layers": j["float_layers"]})
     return rows
 
 

@@ -134,6 +134,14 @@ def best_rows(rows: list, metric: str) -> set:
     return out
 
 
+def fmt_float_layers(r) -> str:
+    """Weight layers left float because rex does not quantize their type (LSTM, GRU, ...), for a quantized row
+    ('-' for FP32 and for rows from before the column existed): 0 when every weight layer was quantized."""
+    if str(r["method"]) == "fp32" or not _isnum(r.get("float_layers")):
+        return "-"
+    return str(int(float(r["float_layers"])))
+
+
 def fmt_budget(order, budget) -> str:
     if _isnum(budget):
         return f"{float(budget):g}x"
@@ -166,6 +174,7 @@ def job_table(summary: Path, jobs: Path, task: str, model: str):
         rows.append({**{k: jr[k] for k in keys}, "status": jr["status"], "bops": jr["bops"],
                      "label": jr["label"], "error": jr.get("error"), "values": vals,
                      "act_layers": jr.get("act_layers"), "act_float": jr.get("act_float"),
+                     "float_layers": jr.get("float_layers"), "float_layer_names": jr.get("float_layer_names"),
                      **{k: jr.get(k) for k in ("bits_per_weight", "group_size", "reason", "wall_seconds",
                                                "fp32_primary")}})
     rows.sort(key=_sort_key)
@@ -209,7 +218,8 @@ def caption(task: str, model: str, j) -> str:
     bn = "" if task in ("text_similarity", "language_modeling") else "; BatchNorm folded"
     return (f"{model_d} on {data_d} ({n_txt}{noise}). Protocol: data-free; weights {gran} {sym_t}, {fl}; "
             f"{ranges}; activations quantized at layer inputs (residual adds, pooling and concatenation in "
-            f"float, in integer mode too); 'Float in' = layer inputs left float / layers{bn}. "
+            f"float, in integer mode too); 'Float in' = layer inputs left float / layers; 'Float layers' = weight "
+            f"layers of a type rex does not quantize (LSTM, GRU, ...), left float and not in G-BOPs{bn}. "
             f"Cost: BOPs in G-BOPs for W/A rows (1e9 bit-operations, rex.bops: MACs x weight bits x activation "
             f"bits, summed over expansion terms); bits per weight for weight-only rows (A32 = float "
             f"activations; integers, 16-bit scales, zero points and sparse-order masks over the quantized "
@@ -248,7 +258,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
 
     best = best_rows(rows, primary)
     wo = any(weight_only(r) for r in rows)  # a weight-only row: the table shows bits per weight
-    header = (["Method", "W/A", "K", "Budget", "G-BOPs"] + (["Bits/weight"] if wo else []) + ["Float in"]
+    header = (["Method", "W/A", "K", "Budget", "G-BOPs"] + (["Bits/weight"] if wo else []) + ["Float in", "Float layers"]
               + [METRIC_DISPLAY.get(m, m) for m in metrics] + [f"delta {METRIC_DISPLAY.get(primary, primary)}",
                                                                "Wall (s)"])
 
@@ -263,7 +273,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
             vals.append(bold(v) if m == primary and i in best else v)
         delta = "-" if fp or r["status"] != "ok" else fmt_delta(primary, r["values"][primary], ref(r))
         return ([method_display(r["method"]), wa, int(r["order"]), fmt_budget(r["order"], r["budget"]), gbops]
-                + bits + [fmt_float_inputs(r)] + vals + [delta, fmt_seconds(r.get("wall_seconds"))])
+                + bits + [fmt_float_inputs(r), fmt_float_layers(r)] + vals + [delta, fmt_seconds(r.get("wall_seconds"))])
 
     body = [cells(r, i, lambda v: f"**{v}**") for i, r in enumerate(rows)]
     # pivot: variants x W/A settings, primary metric
@@ -282,6 +292,10 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     failed = [r for r in rows if r["status"] not in ("ok", NOT_APPLICABLE)]
     md = [f"**{cap}**", "", _md_table(header, body), ""]
     md += [f"{METRIC_DISPLAY.get(primary, primary)} at a glance:", "", _md_table(["Variant"] + settings, pivot), ""]
+    named = sorted({str(r["float_layer_names"]) for r in rows
+                    if str(r["method"]) != "fp32" and _isnum(r.get("float_layer_names"))})
+    if named:
+        md += ["Layers left float (not quantized, not in G-BOPs): " + " | ".join(named), ""]
     if failed:
         md += ["Failed jobs:", ""] + [f"- `{r['label']}`: {r['error']}" for r in failed] + [""]
     files = []
@@ -292,7 +306,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["method", "wbits", "abits", "order", "budget", "allocation", "bops", "gbops"] + metrics
                + [f"delta_{primary}", "best", "bits_per_weight", "group_size", "wall_seconds"]
-               + ["float_inputs", "layers", "status", "label", "error"])
+               + ["float_inputs", "layers", "float_layers", "status", "label", "error"])
     for i, r in enumerate(rows):
         alloc = str(r["method"]).partition("-")[2] or "uniform"
         d = (float(r["values"][primary]) - float(ref(r))
@@ -308,7 +322,9 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
                       int(float(r["group_size"])) if _isnum(r.get("group_size")) else "",
                       r.get("wall_seconds") if _isnum(r.get("wall_seconds")) else ""]
                    + [int(float(r["act_float"])) if _isnum(r.get("act_float")) else "",
-                      int(float(r["act_layers"])) if _isnum(r.get("act_layers")) else "", r["status"], r["label"],
+                      int(float(r["act_layers"])) if _isnum(r.get("act_layers")) else "",
+                      int(float(r["float_layers"])) if _isnum(r.get("float_layers")) else "",
+                      r["status"], r["label"],
                       r["error"] if _isnum(r["error"]) else (r.get("reason") if _isnum(r.get("reason")) else "")])
     atomic_write_text(out_prefix.with_suffix(".csv"), buf.getvalue())
     files.append(out_prefix.with_suffix(".csv"))
