@@ -168,6 +168,10 @@ def test_text_job_writes_spearman_and_float_inputs(tmp_path, monkeypatch, one_th
     na = runs / "method=dfq,w=4,a=8,K=1"
     rec = job.run(na, _job_overrides("dfq", 4, 8))
     assert rec["status"] == "n/a" and rec["reason"] == "no BatchNorm" and (na / "done").is_file()
+    from rex.pipeline import tracking
+
+    tags = tracking.run_tags(json.loads((na / "metrics.json").read_text()), na, "sha")
+    assert tags["status"] == "n/a" and tags["reason"] == "no BatchNorm" and "error" not in tags  # the MLflow run
     summary, jobs = tmp_path / "summary.csv", tmp_path / "jobs.csv"
     n, failed = aggregate.aggregate([out, na], summary, jobs)
     assert (n, failed) == (2, 0)

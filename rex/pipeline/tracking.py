@@ -116,6 +116,8 @@ def run_tags(record: dict, job_dir: Path, sha: str) -> dict:
     if record.get("status") == "failed":
         err = record.get("error") or {}
         tags["error"] = f"{err.get('type')}: {err.get('message', '')}"[:4000]
+    if record.get("status") == "n/a":  # the method does not apply to the model (e.g. DFQ without BatchNorm)
+        tags["reason"] = record.get("reason")
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
