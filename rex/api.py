@@ -265,6 +265,7 @@ def activation_coverage(qmodel: nn.Module) -> dict:
     floats = list(fi["names"])
     norm = "LayerNorm" if any(isinstance(m, nn.LayerNorm) for m in qmodel.modules()) else "BatchNorm"
     source = ("distilled data (ZeroQ)" if "zeroq" in info.extra
+              else "uniform-noise batch (SQuant: sigma x std)" if info.spec.act_range == "noise"
               else f"{norm} statistics (beta + n|gamma|)")
     if plans and plans[0].abits is not None:
         source += "; network input from its normalisation"

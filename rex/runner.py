@@ -102,6 +102,7 @@ def _quantize_or_keep(out: dict, model, entry, weights, spec: Optional[QuantSpec
 def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range) -> torch.nn.Module:
     """Quantize, and record BOPs, size, plain-order BOPs and the per-layer checks in ``out``."""
     out["spec"] = spec.label()
+    out["preset"] = spec.preset
     t0 = time.perf_counter()
     qmodel = rex.quantize(model, spec, example_input=ex, input_range=in_range)
     out["quant_seconds"] = round(time.perf_counter() - t0, 4)
@@ -344,6 +345,7 @@ def text_job(model_name: str, spec: Optional[QuantSpec], limit: Optional[int] = 
         out["bops"] = out["plain_bops"] = out["fp32_bops"]
     else:
         out["spec"] = spec.label()
+    out["preset"] = spec.preset
         t0 = time.perf_counter()
         qmodel = quantize_text_model(bundle, spec, tied_head=tied_head)
         out["quant_seconds"] = round(time.perf_counter() - t0, 4)

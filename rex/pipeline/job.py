@@ -358,6 +358,11 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
         n_threads = int((cfg_dict.get("run") or {}).get("threads") or 1)
         torch.set_num_threads(n_threads)
         spec = spec_from_config(cfg_dict)
+        # the protocol as run: the preset's values filled in (left null in conf/config.yaml)
+        from ..protocols import resolve
+
+        record["protocol"] = {**resolve(record["protocol"]), **(spec.protocol() if spec is not None else {})}
+        record["preset"] = "" if spec is None else spec.preset
         expected = gridlib.fp32_label() if spec is None else spec.label()
         record["spec_hash"] = spec.hash() if spec is not None else None
         # a folder named like a label must be the label of what runs (any other name is the caller's choice)
