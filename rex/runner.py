@@ -345,7 +345,6 @@ def text_job(model_name: str, spec: Optional[QuantSpec], limit: Optional[int] = 
         out["bops"] = out["plain_bops"] = out["fp32_bops"]
     else:
         out["spec"] = spec.label()
-    out["preset"] = spec.preset
         t0 = time.perf_counter()
         qmodel = quantize_text_model(bundle, spec, tied_head=tied_head)
         out["quant_seconds"] = round(time.perf_counter() - t0, 4)

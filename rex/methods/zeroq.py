@@ -55,6 +55,9 @@ def _zeroq(model, spec, example_input, input_range, faithful: bool):
 
     name = "zeroq" if faithful else "zeroq_lite"
     require_order_one(spec, name, None)
+    if spec.act_range == "noise":  # checked before minutes of distillation
+        raise ConfigError(f"{name} sets its own activation ranges (distilled data): act_range='noise' does not "
+                          "apply; use act_range='bn' (or preset shared / zeroq) with it")
     cfg = spec.config
     batch, steps, lr, pct = cfg.zeroq_batch, cfg.zeroq_steps, cfg.zeroq_lr, cfg.zeroq_percentile
     ex = example_input if example_input is not None else default_example_input(model)

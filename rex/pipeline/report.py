@@ -232,19 +232,19 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     files.append(out_prefix.with_suffix(".md"))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", "wbits", "abits", "order", "budget", "allocation", "bops", "gbops"] + metrics
-               + ["float_inputs", "layers", "status", "label", "error", "preset"])
+    w.writerow(["method", "wbits", "abits", "order", "budget", "allocation", "preset", "bops", "gbops"] + metrics
+               + ["float_inputs", "layers", "status", "label", "error"])
     for r in rows:
         alloc = str(r["method"]).partition("-")[2] or "uniform"
         w.writerow([str(r["method"]).partition("-")[0], int(r["wbits"]), int(r["abits"]), int(r["order"]),
-                    r["budget"] if _isnum(r["budget"]) else "", alloc,
+                    r["budget"] if _isnum(r["budget"]) else "", alloc, "" if preset_cell(r) == "-" else preset_cell(r),
                     int(float(r["bops"])) if _isnum(r["bops"]) else "",
                     fmt_gbops(r["bops"]) if _isnum(r["bops"]) else ""]
                    + [("failed" if r["status"] != "ok" else (r["values"][m] if _isnum(r["values"][m]) else ""))
                       for m in metrics]
                    + [int(float(r["act_float"])) if _isnum(r.get("act_float")) else "",
                       int(float(r["act_layers"])) if _isnum(r.get("act_layers")) else "", r["status"], r["label"],
-                      r["error"] if _isnum(r["error"]) else "", "" if preset_cell(r) == "-" else preset_cell(r)])
+                      r["error"] if _isnum(r["error"]) else ""])
     atomic_write_text(out_prefix.with_suffix(".csv"), buf.getvalue())
     files.append(out_prefix.with_suffix(".csv"))
     tex = [r"\begin{table}[t]", r"\centering", r"\small",
