@@ -5,7 +5,7 @@ them, values in [0, 1), not normalised) through the model once and sets each lay
 from the tensor it sees: alpha = sigma x std, with the std of the positive entries for a non-negative input
 (range [0, alpha]) and, for a signed input, sigma x std / 1.25 over all entries (range [-alpha, alpha]); below
 6 bits alpha is clipped at the batch maximum. The statistics are accumulated here in float64 over chunks of
-the batch (the numbers of one pass over all 256 to float32 rounding, with less memory).
+the batch (the numbers of one pass over all 256, with less memory).
 """
 from __future__ import annotations
 
@@ -22,29 +22,40 @@ CHUNK = 32
 
 
 def _empty() -> dict:
-    return dict(n=0, s=0.0, ss=0.0, pn=0, ps=0.0, pss=0.0, lo=math.inf, hi=-math.inf)
+    return dict(n=0, s=0.0, ss=0.0, nz=0, lo=math.inf, hi=-math.inf)
+
+
+ROW = 1024  # reductions run per row of this many entries in float32, the rows' results are summed in float64
+
+
+def _rows(a: torch.Tensor) -> list[torch.Tensor]:
+    k = a.numel() // ROW * ROW
+    return [t for t in (a[:k].view(-1, ROW), a[k:].view(1, -1)) if t.numel()]
+
+
+def _sum_sumsq(a: torch.Tensor) -> tuple[float, float]:
+    """Sum and sum of squares of a flat float32 tensor, to about 1e-9 relative, in two fast passes: a float32
+    dot or norm over the whole map (tens of millions of entries) is off by up to 1e-3, enough to move a range."""
+    s = ss = 0.0
+    for r in _rows(a):
+        s += float(r.sum(1).double().sum())
+        ss += float(torch.linalg.vector_norm(r, dim=1).double().square().sum())
+    return s, ss
 
 
 def _accumulate(st: dict, x: torch.Tensor) -> None:
-    """Add one tensor's count, sum and sum of squares (all entries, and the positive ones) to float64
-    accumulators. Whole feature maps of 32 images: few passes, float32 reductions (torch's cascade sum, BLAS
-    dot), each partial result about 1e-6 relative."""
+    """Add one tensor's count, sum, sum of squares, count of non-zero entries and extremes. A non-negative
+    input's positive entries are its non-zero ones, so their sums are the tensor's (SQuant uses them only
+    when the whole input is non-negative; a signed one takes the std of all entries)."""
     a = x.detach().float().reshape(-1)
     if not a.numel():
         return
     lo, hi = torch.aminmax(a)
-    s, ss = float(a.sum()), float(torch.dot(a, a))
-    if float(lo) >= 0:  # after a ReLU: every entry is >= 0, the positive ones are the non-zero ones
-        pn, ps, pss = int(torch.count_nonzero(a)), s, ss
-    else:
-        pos = torch.relu(a)
-        pn, ps, pss = int(torch.count_nonzero(pos)), float(pos.sum()), float(torch.dot(pos, pos))
+    s, ss = _sum_sumsq(a)
     st["n"] += a.numel()
     st["s"] += s
     st["ss"] += ss
-    st["pn"] += pn
-    st["ps"] += ps
-    st["pss"] += pss
+    st["nz"] += int(torch.count_nonzero(a))
     st["lo"] = min(st["lo"], float(lo))
     st["hi"] = max(st["hi"], float(hi))
 
@@ -88,7 +99,7 @@ def squant_range(st: dict, sigma: float, bits: Optional[int]) -> Optional[tuple[
     if st["n"] == 0:
         return None
     signed = st["lo"] < 0
-    std = _std(st["n"], st["s"], st["ss"]) if signed else _std(st["pn"], st["ps"], st["pss"])
+    std = _std(st["n"], st["s"], st["ss"]) if signed else _std(st["nz"], st["s"], st["ss"])
     if not std > 0:
         return None
     alpha = sigma * std / 1.25 if signed else sigma * std

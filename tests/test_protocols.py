@@ -312,3 +312,34 @@ def test_preset_column_in_csv_and_tables(tmp_path):
     t = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert [r["preset"] for r in t] == ["", "shared", "squant"]
     assert "Preset" in (tmp_path / "t.tex").read_text()
+
+
+def test_job_record_names_its_preset_and_the_resolved_protocol(tmp_path):
+    from rex.pipeline import aggregate, job
+
+    common = ["model=mobilenet_v2", "dataset=imagenet_sample", "evaluation=classification", "evaluation.limit=2",
+              "method=rtn", "method.wbits=8", "method.abits=8", "protocol.preset=zeroq"]
+    rec = job.run(tmp_path / "ok", common)
+    assert rec["status"] == "ok" and rec["preset"] == "zeroq"
+    p = rec["protocol"]
+    assert (p["preset"], p["symmetric"], p["granularity"], p["first_input"], p["fold_bn"]) == \
+        ("zeroq", False, "per_channel", "float", False)
+    assert rec["details"]["act_float"] == 1  # the first layer's input, by the protocol
+    # a job that fails on its configuration still names its preset (its row in the table does)
+    bad = job.run(tmp_path / "bad", common[:4] + ["method=zeroq", "method.wbits=8", "method.abits=8",
+                                                  "protocol.preset=squant"])
+    assert bad["status"] == "failed" and bad["kind"] == "config" and bad["preset"] == "squant"
+    assert "act_range='noise' does not apply" in bad["error"]["message"]
+    rows = [aggregate.job_row(aggregate.read_record(tmp_path / d)) for d in ("ok", "bad")]
+    assert [(r["preset"], r["status"], r["symmetric"]) for r in rows] == [("zeroq", "ok", False),
+                                                                           ("squant", "failed", "")]
+
+
+def test_accuracy_checks_name_the_shared_row_unless_told():
+    from rex.pipeline.check import find_row
+
+    rows = [{"model": "m", "method": "squant", "wbits": "4", "abits": "8", "order": "1", "budget": "", "metric": "top1",
+             "value": v, "status": "ok", "preset": p} for p, v in (("squant", "55.0"), ("shared", "61.0"))]
+    check = {"model": "m", "method": "squant", "wbits": 4, "abits": 8, "metric": "top1", "min": 1, "why": "t"}
+    assert find_row(rows, check)["value"] == "61.0"
+    assert find_row(rows, {**check, "preset": "squant"})["value"] == "55.0"
