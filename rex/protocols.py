@@ -23,8 +23,11 @@ What each native preset does and what the engine cannot express (differences rec
   bits (run.sh); first layer input float, last layer input 8-bit. Differs: SQuant measures each input in the
   quantized model (its earlier layers already quantized), this engine in the float model; sigma at other
   bit-widths (not published) is that of the nearest lower published one.
-- ``dfq`` (Nagel et al. 2019): per-tensor asymmetric weights, every ReLU6 replaced by ReLU (the whole model, not
-  only the equalization paths), biases on a 16-bit grid; BN-derived ranges as in the shared protocol.
+- ``dfq`` (Nagel et al. 2019, and the re-implementation github.com/jakc4103/DFQ whose MobileNetV2 table
+  method.md §7 cites: "Int8**: 8 bits weight, 8 bits activation, 16 bits bias", asymmetric unless marked
+  symmetric): per-tensor asymmetric weights, every ReLU6 replaced by ReLU (the whole model, not only the
+  equalization paths), biases on a 16-bit grid (symmetric per tensor here); BN-derived ranges and the first/last
+  policy of the shared protocol (at W8A8, the paper's setting, every layer is 8-bit either way).
 - ``zeroq`` (Cai et al. 2020, github.com/amirgholami/ZeroQ): per-channel asymmetric weights in every layer, first
   layer input float, BatchNorm kept; the activation ranges come from distilled data when the method is
   ``zeroq`` / ``zeroq_lite`` (the method sets them; other methods keep BN-derived ranges). Differs: ZeroQ
