@@ -21,8 +21,10 @@ What each native preset does and what the engine cannot express (differences rec
   noise (torch.rand, 256 images), std of the positive entries for a non-negative input, sigma / 1.25 and a
   symmetric range for a signed one, clipped at the batch maximum below 6 bits; sigma 12 / 14 / 25 at 4 / 6 / 8
   bits (run.sh); first layer input float, last layer input 8-bit. Differs: SQuant measures each input in the
-  quantized model (its earlier layers already quantized), this engine in the float model; sigma at other
-  bit-widths (not published) is that of the nearest lower published one.
+  quantized model (its earlier layers already quantized), this engine in the float model; its weight grid is
+  min/max without forcing 0 into the range (a conv channel always spans 0: the same grid), its signed
+  activation grid has 2^b - 1 steps where this engine's symmetric one has 2^b - 2; sigma at other bit-widths
+  (not published) is that of the nearest lower published one.
 - ``dfq`` (Nagel et al. 2019, and the re-implementation github.com/jakc4103/DFQ whose MobileNetV2 table
   method.md §7 cites: "Int8**: 8 bits weight, 8 bits activation, 16 bits bias", asymmetric unless marked
   symmetric): per-tensor asymmetric weights, every ReLU6 replaced by ReLU (the whole model, not only the
