@@ -1,4 +1,4 @@
-# make setup | run | smoke | test | lint        (N=<cores>, default: nproc)
+# make setup | run | smoke | readme | test | lint        (N=<cores>, default: nproc)
 SHELL := /bin/bash
 N ?= $(shell nproc)
 VENV ?= .venv
@@ -9,7 +9,7 @@ SNAKEFLAGS ?=
 # a stale lock of a killed run removed: after Ctrl-C, kill or kill -9, the same command finishes the grid
 RUN := $(PY) workflow/scripts/run.py
 
-.PHONY: setup run smoke baselines test lint dry-run clean-smoke
+.PHONY: setup run smoke readme baselines test lint dry-run clean-smoke
 
 setup:
 	REX_VENV=$(VENV) bash workflow/scripts/setup.sh
@@ -26,6 +26,10 @@ smoke: setup
 # not in `make run` (the target comes first: --configfile in SNAKEFLAGS takes every name after it)
 baselines: setup
 	$(RUN) baselines --cores $(N) $(SNAKEFLAGS)
+
+# README.md's generated results section <- results/ (tables, jobs.csv, bench): never copied by hand
+readme: setup
+	$(PY) -m rex.pipeline.readme --results results --readme README.md
 
 test: setup
 	$(PY) -m pytest -q

@@ -6,8 +6,9 @@ low < high), the model's dtype (float16 / bfloat16 / float64 models are quantize
 a warning), BatchNorm statistics (a negative running variance is named as such), weight magnitudes where
 float32 arithmetic would overflow, and the example input (it must run through the model; a wrong channel count
 names the shape the first layer expects). Afterwards every layer with a matrix or convolution weight that was
-not quantized (Conv1d, Conv3d, LSTM, an attention's packed projection, ...) is counted and named in
-``qmodel.rex_info.extra["float_layers"]``, in ``rex_info.notes`` and in a ``FloatLayersWarning``.
+not quantized (LSTM, GRU, an attention's packed projection, ConvTranspose3d, ...) is counted and named in
+``qmodel.rex_info.extra["float_layers"]``, in ``rex_info.notes`` and in a ``FloatLayersWarning``; layers kept
+float by the first/last policy and layers a method quantized in place (HQQ) are not "left float".
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def quantize(
             f"{kind} x{len(names)} ({', '.join(names[:4])})" for kind, names in sorted(floats.items()))) from None
     info = getattr(qmodel, "rex_info", None)
     notes = [dtype_note] if dtype_note else []
-    floats = float_layers(qmodel)
+    floats = float_layers(qmodel, skip=planned_float(info))
     if floats:
         n = sum(len(v) for v in floats.values())
         notes.append(f"{n} layer(s) left float (not quantized, not in the quantized BOPs): " + "; ".join(
@@ -188,22 +189,36 @@ def check_example_input(model: nn.Module, example_input) -> None:
 _LOOKUP = (nn.Embedding, nn.EmbeddingBag)
 
 
-def float_layers(qmodel: nn.Module) -> dict:
+def planned_float(info) -> set:
+    """Names of weight layers that are float on purpose, not for want of support: kept float by the first/last
+    policy (``first_last='fp'``: planned, costed at 32 x 32 in the BOPs, stated in the protocol; HQQ lists them in
+    ``extra['float_by_policy']``), or quantized
+    in place by a method that swaps no layer (HQQ's dequantized weights: ``extra['quantized_in_place']``)."""
+    if info is None:
+        return set()
+    return ({p.name for p in getattr(info, "plans", []) if not p.quantize}
+            | set(info.extra.get("float_by_policy") or ()) | set(info.extra.get("quantized_in_place") or ()))
+
+
+def float_layers(qmodel: nn.Module, skip=()) -> dict:
     """{layer type: [names]} of the modules of a quantized model that hold a matrix or convolution weight
-    (a parameter of 2 or more dimensions) and were not quantized. Norm layers (1-D weights) and embeddings
-    are not counted."""
+    (a parameter of 2 or more dimensions) and were not quantized, except the names in ``skip``
+    (``planned_float``). Norm layers (1-D weights) and embeddings are not counted."""
     out: dict = {}
+    skip = set(skip)
 
     def walk(mod: nn.Module, prefix: str) -> None:
         for name, child in mod.named_children():
             full = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, QuantLayer):
+            if isinstance(child, QuantLayer) or full in skip:
                 continue
             if not isinstance(child, _LOOKUP) and any(
                     p.dim() >= 2 for p in child.parameters(recurse=False)):
                 out.setdefault(type(child).__name__, []).append(full)
             walk(child, full)
 
+    if not isinstance(qmodel, (QuantLayer, *_LOOKUP)) and any(p.dim() >= 2 for p in qmodel.parameters(recurse=False)):
+        out.setdefault(type(qmodel).__name__, []).append("<model>")  # the model itself is one such layer (an nn.GRU)
     walk(qmodel, "")
     return out
 

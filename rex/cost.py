@@ -1,13 +1,14 @@
 """The cost model, used everywhere: MACs, BOPs and model size.
 
-    MACs(Conv2d) = C_out * H_out * W_out * (C_in / groups) * k_h * k_w      (per sample)
+    MACs(ConvNd) = C_out * prod(output spatial size) * (C_in / groups) * prod(kernel)   (per sample; Conv1d,
+                   Conv2d, Conv3d: C_out * H_out * W_out * (C_in / groups) * k_h * k_w for a Conv2d)
     MACs(Linear) = out_features * in_features * (number of input rows per sample: tokens)
     MACs(Embedding) = 0 (a lookup; its table still counts in the model size)
     BOPs(layer)  = MACs * b_w * b_a * sum_k d(k)                             (method.md §3)
 
 A float layer counts 32 x 32 with one term. Activation x activation matmuls (attention's Q K^T and P V)
-are counted too, 32 x 32 while their operands are float (``cost_table``). Layers other than Conv2d/Linear (BN, pooling, activations,
-adds) are not counted: their cost is negligible next to the MACs and every paper in this line omits it.
+are counted too, 32 x 32 while their operands are float (``cost_table``). Other layers (BN, pooling,
+activations, adds) are not counted: their cost is negligible next to the MACs and every paper in this line omits it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Sequence
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from .nn.layers import CONVS
 
 FLOAT_BITS = 32
 
@@ -54,9 +57,8 @@ def conv2d_macs(
 ) -> int:
     """MACs of one Conv2d for one sample. ``output_hw`` overrides the computed size (e.g. a subclass
     that pads inside its forward)."""
-    kh, kw = _pair(kernel)
-    oh, ow = output_hw or conv2d_output_hw(input_hw, kernel, stride, padding, dilation)
-    return out_channels * oh * ow * (in_channels // groups) * kh * kw
+    out = output_hw or conv2d_output_hw(input_hw, kernel, stride, padding, dilation)
+    return conv_macs(in_channels, out_channels, _pair(kernel), out, groups)
 
 
 def conv_transpose2d_macs(in_channels: int, out_channels: int, input_hw: tuple[int, int], kernel, groups: int = 1) -> int:
@@ -64,6 +66,14 @@ def conv_transpose2d_macs(in_channels: int, out_channels: int, input_hw: tuple[i
     (C_out / groups) patch (whatever the stride; output padding and cropping add no multiplications)."""
     kh, kw = _pair(kernel)
     return in_channels * input_hw[0] * input_hw[1] * (out_channels // groups) * kh * kw
+
+
+def conv_macs(in_channels: int, out_channels: int, kernel: Sequence[int], output_size: Sequence[int],
+              groups: int = 1) -> int:
+    """MACs of one Conv1d / Conv2d / Conv3d for one sample: every output element (C_out x the output's
+    spatial size) sums (C_in / groups) x prod(kernel) products. The output size is read from the layer's
+    real output (a subclass may pad inside its forward)."""
+    return out_channels * math.prod(output_size) * (in_channels // groups) * math.prod(kernel)
 
 
 def linear_macs(in_features: int, out_features: int, rows: int = 1) -> int:
@@ -90,14 +100,12 @@ class LayerCostRecord:
 
 
 def module_macs(module: nn.Module, in_shape: tuple, out_shape: tuple) -> int:
-    """MACs of one Conv2d / ConvTranspose2d / Linear (or a quantized layer wrapping one) for one sample, from
-    its input and output shapes (batch dimension included, ignored). The one dispatch by layer type."""
+    """MACs of one Conv1d/2d/3d / ConvTranspose2d / Linear (or a quantized layer wrapping one) for one sample,
+    from its input and output shapes (batch dimension included, ignored). The one dispatch by layer type."""
     core = getattr(module, "inner", module)  # quantized layers wrap the float module
-    if isinstance(core, nn.Conv2d):
-        return conv2d_macs(
-            core.in_channels, core.out_channels, tuple(in_shape[-2:]), core.kernel_size, core.stride,
-            core.padding, core.dilation, core.groups, output_hw=tuple(out_shape[-2:]),
-        )
+    if isinstance(core, CONVS):
+        rank = len(core.kernel_size)  # the last `rank` dims are spatial (batched or not)
+        return conv_macs(core.in_channels, core.out_channels, core.kernel_size, tuple(out_shape[-rank:]), core.groups)
     if isinstance(core, nn.ConvTranspose2d):
         return conv_transpose2d_macs(core.in_channels, core.out_channels, tuple(in_shape[-2:]), core.kernel_size,
                                      core.groups)
@@ -121,7 +129,7 @@ def _is_costed(module: nn.Module) -> bool:
 
     if isinstance(module, QuantLayer):
         return True
-    return (isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) or is_hf_conv1d(module)
+    return (isinstance(module, (*CONVS, nn.ConvTranspose2d, nn.Linear)) or is_hf_conv1d(module)
             or is_embedding(module)) and not _inside_quant(module)
 
 

@@ -33,7 +33,7 @@ from .expansion import (
     select_masks,
     sparse_from_dense,
 )
-from .nn.layers import ActQuantizer, QuantLayer, canonical_weight, is_embedding, is_quantizable, make_quant_layer
+from .nn.layers import CONVS, ActQuantizer, QuantLayer, canonical_weight, is_embedding, is_quantizable, make_quant_layer
 from .quant import WeightQuantizer, check_finite, quantize_bias, round_nearest
 from .quant.threads import quant_threads
 from .trace import TraceResult, ranges
@@ -82,13 +82,25 @@ def check_model_weights(model: nn.Module) -> None:
                 raise WeightError(f"{e}. Nothing was quantized.") from None
 
 
+QUANTIZED_KINDS = "Conv1d, Conv2d, Conv3d, ConvTranspose2d, Linear, Hugging Face Conv1D or Embedding"
+
+
 def default_example_input(model: nn.Module) -> torch.Tensor:
+    """An input for the first Conv2d (1 x C x 224 x 224) or Linear (1 x features) of ``model``. A Conv1d or
+    Conv3d model has no customary input size (a sequence length, a clip length): its MACs and BOPs depend on
+    it, so it must be given."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             return torch.zeros((1, m.in_channels, *DEFAULT_INPUT_SHAPE[2:]))
+        if isinstance(m, (nn.Conv1d, nn.Conv3d)):
+            dims = "L" if isinstance(m, nn.Conv1d) else "D, H, W"
+            eg = "128" if isinstance(m, nn.Conv1d) else "16, 112, 112"
+            raise ConfigError(f"the model's first layer is a {type(m).__name__}: pass example_input of shape "
+                              f"(N, {m.in_channels}, {dims}), e.g. torch.zeros(1, {m.in_channels}, {eg}); its size "
+                              "sets the MACs and BOPs")
         if isinstance(m, nn.Linear):
             return torch.zeros((1, m.in_features))
-    raise ConfigError("model has no Conv2d or Linear layer: nothing to quantize")
+    raise ConfigError(f"model has no {QUANTIZED_KINDS} layer: nothing to quantize")
 
 
 def layer_filter(name: str, m: nn.Module) -> bool:
@@ -115,8 +127,12 @@ def module_order_trace(model: nn.Module) -> TraceResult:
     spec (abits=None) gets no example input and the model has no convolution (whose MACs need a spatial
     size) and no BatchNorm (whose folding needs the data flow)."""
     tr = TraceResult()
+    # nn.MultiheadAttention reads its out_proj's weight directly (F.multi_head_attention_forward), never calling
+    # the Linear: a swapped QuantLayer there would break its forward; the traced plan never sees it either
+    inside_mha = {f"{n}.out_proj" if n else "out_proj" for n, mod in model.named_modules()
+                  if isinstance(mod, nn.MultiheadAttention)}
     for name, mod in model.named_modules():
-        if not layer_filter(name, mod):
+        if not layer_filter(name, mod) or name in inside_mha:
             continue
         w = canonical_weight(mod)
         tr.order.append(name)
@@ -128,7 +144,7 @@ def module_order_trace(model: nn.Module) -> TraceResult:
 
 
 def _needs_forward(model: nn.Module) -> bool:
-    return any(isinstance(x, (nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm)) for x in model.modules())
+    return any(isinstance(x, (*CONVS, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm)) for x in model.modules())
 
 
 def end_policy(spec: QuantSpec, role: str) -> tuple[Optional[str], Optional[str]]:
@@ -274,7 +290,7 @@ def _quantize_model(
     info.folded = ctx.folded
     ctx.invalidate()  # the recording keeps every activation of the pass alive: not needed from here on
     if not tr.order:
-        raise ConfigError("model has no Conv2d or Linear layer reached by the example input: nothing to quantize")
+        raise ConfigError(f"model has no {QUANTIZED_KINDS} layer reached by the example input: nothing to quantize")
     noise = None
     if spec.act_range == "noise" and spec.abits is not None:
         if range_override:

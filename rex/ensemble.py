@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn.layers import QuantLayer
+from .nn.layers import CONVS, QuantLayer
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by spatial rank
 
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:
@@ -154,10 +156,10 @@ class _MembersLayer(nn.Module):
         self.m = len(member_terms)
         self.register_buffer("w", torch.stack(_member_weights(layer, member_terms)))  # [M, C_out, ...]
         inner = layer.inner
-        # a Conv2d subclass with its own forward (same-padding convs of other zoos) or a non-zero padding
+        # a conv subclass with its own forward (same-padding convs of other zoos) or a non-zero padding
         # mode cannot be expressed as one grouped conv: run it member by member (still one model pass)
-        self.grouped = isinstance(inner, nn.Conv2d) and type(inner).forward is nn.Conv2d.forward \
-            and inner.padding_mode == "zeros"
+        base = next((c for c in CONVS if isinstance(inner, c)), None)
+        self.grouped = base is not None and type(inner).forward is base.forward and inner.padding_mode == "zeros"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer.act is not None:
@@ -180,8 +182,9 @@ class _MembersLayer(nn.Module):
         c_in, hw = x.shape[1], x.shape[2:]
         xs = x.reshape(m, b, c_in, *hw).transpose(0, 1).reshape(b, m * c_in, *hw)
         w = self.w.reshape(m * self.w.shape[1], *self.w.shape[2:])
-        y = F.conv2d(xs, w, None if bias is None else bias.repeat(m), inner.stride, inner.padding, inner.dilation,
-                     inner.groups * m)
+        conv = _CONV_FN[len(hw)]  # F.conv1d / conv2d / conv3d
+        y = conv(xs, w, None if bias is None else bias.repeat(m), inner.stride, inner.padding, inner.dilation,
+                 inner.groups * m)
         c_out = self.w.shape[1]
         return y.reshape(b, m, c_out, *y.shape[2:]).transpose(0, 1).reshape(m * b, c_out, *y.shape[2:])
 

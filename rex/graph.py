@@ -32,13 +32,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .cost import _call
+from .nn.layers import CONVS
 
 # calls that only read metadata (sizes, flags): not data flow, no range, no use counted
 META_OPS = frozenset({"size", "dim", "numel", "__get__", "__len__", "__format__", "__bool__", "item", "tolist",
                       "__hash__", "__eq__", "__ne__"})
 # ops that apply a Conv/Linear module's weight (args[1]); their node names the module (``Node.layer``)
-WEIGHT_OPS = frozenset({"conv2d", "linear", "conv1d"})
-WEIGHT_MODULES = (nn.Conv2d, nn.Conv1d, nn.Linear)
+WEIGHT_OPS = frozenset({"conv1d", "conv2d", "conv3d", "linear"})
+WEIGHT_MODULES = (*CONVS, nn.Linear)
 ACT_MODULES = (nn.ReLU6, nn.Hardtanh, nn.ReLU)  # their calls are named (a ReLU6 module can become a ReLU)
 
 
@@ -61,8 +62,8 @@ def tensors(obj):
 
 
 def is_weight_layer(m: nn.Module) -> bool:
-    """The layers REx quantizes: Conv2d (any groups), ConvTranspose2d (groups = 1), Linear."""
-    return isinstance(m, (nn.Conv2d, nn.Linear)) or (isinstance(m, nn.ConvTranspose2d) and m.groups == 1)
+    """The layers REx quantizes: Conv1d / Conv2d / Conv3d (any groups), ConvTranspose2d (groups = 1), Linear."""
+    return isinstance(m, (*CONVS, nn.Linear)) or (isinstance(m, nn.ConvTranspose2d) and m.groups == 1)
 
 
 @dataclass(eq=False)
@@ -90,7 +91,7 @@ class Node:
 class Graph:
     nodes: list = field(default_factory=list)  # every event, in execution order
     param_ids: set = field(default_factory=set)  # id of every parameter and buffer (not data flow)
-    weight_layers: dict = field(default_factory=dict)  # id(weight) -> name of its Conv2d/Conv1d/Linear module
+    weight_layers: dict = field(default_factory=dict)  # id(weight) -> name of its Conv1d/2d/3d / Linear module
     modules: dict = field(default_factory=dict)  # name -> that module
     keep: list = field(default_factory=list)
 

@@ -26,6 +26,9 @@ _PASSTHROUGH = {
     "chunk", "split", "narrow", "__getitem__", "squeeze", "unsqueeze", "clone", "mean", "cat", "concat",
     "stack", "pad", "max", "amax", "to", "float", "detach", "channel_shuffle", "repeat", "expand",
     "roll", "flip", "t", "unbind", "select", "index_select", "identity", "type_as", "__iter__",
+    # the 1-d / 3-d pooling of Conv1d / Conv3d nets (a max or mean of the input stays within its range)
+    "adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d",
+    "adaptive_max_pool3d",
 }
 _UNIT = {"sigmoid", "hardsigmoid", "softmax", "sigmoid_"}
 
@@ -151,7 +154,7 @@ RANGE_RULES: dict[str, Callable] = {
     **{k: _mul for k in ("mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__")},
     **{k: _hull for k in _PASSTHROUGH},
     # a weight layer's output has no range of its own: only BN statistics (folded or following) give one
-    **{k: (lambda n, ivs, value, sigma: None) for k in ("conv2d", "conv1d", "linear", "conv_transpose2d")},
+    **{k: (lambda n, ivs, value, sigma: None) for k in ("conv1d", "conv2d", "conv3d", "linear", "conv_transpose2d")},
 }
 
 

@@ -198,7 +198,7 @@ def distill_zeroq(model: nn.Module, input_shape: tuple, batch: int = ZEROQ_BATCH
 
 
 def activation_ranges(model: nn.Module, data: torch.Tensor, percentile: Optional[float] = None,
-                      layer_types=(nn.Conv2d, nn.Linear)) -> dict[str, tuple[float, float]]:
+                      layer_types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) -> dict[str, tuple[float, float]]:
     """Per weight layer, the range of its input over ``data``: [min, max], or the [100-p, p] percentiles."""
     out: dict = {}
     handles = []

@@ -22,7 +22,7 @@ GRIDS = sorted((ROOT / "conf" / "grid").glob("*.yaml"))
 # variant (the folder's ,p=<hash>, '' for the default protocol) and commit appended by issue 12 item 7, preset (the
 # named protocol) by item 5
 SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status",
-                   "variant", "commit", "preset"]
+                   "variant", "commit", "float_layers", "preset"]
 
 
 def snakemake(*args, timeout=900):

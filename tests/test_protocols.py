@@ -211,8 +211,8 @@ def test_first_input_float_is_counted_in_activation_coverage(net, one_thread):
 
 
 def test_ocs_preset_leaves_the_first_layer_float(net, one_thread):
-    with pytest.warns(rex.api.FloatLayersWarning, match="features.0.0"):  # said, counted, named
-        q = _q(net, method="ocs", preset="ocs")
+    q = _q(net, method="ocs", preset="ocs")
+    assert [p.name for p in q.rex_info.plans if not p.quantize] == ["features.0.0.layer"]  # float by the plan
     names = [x.layer_name for x in _layers(q)]  # OCS wraps its layers: <name>.layer
     assert not any(n.startswith("features.0.0") for n in names) and names[-1].startswith("classifier.1")
     assert _layers(q)[-1].wbits == 4  # the last layer like the body

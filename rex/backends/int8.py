@@ -1,6 +1,6 @@
 """A real int8 CPU backend: PyTorch's quantized kernels (x86/fbgemm, or qnnpack on ARM).
 
-Each b-bit term (b <= 8) of an expanded layer runs as one int8 convolution / linear: the input is
+Each b-bit term (b <= 8) of an expanded layer runs as one int8 convolution (1-d, 2-d or 3-d) / linear: the input is
 quantized to uint8 with the layer's data-free activation scale (signed grids are shifted by a zero point
 of 128, which is exact for the restricted range [-127, 127]), the weights are the term's integers with
 its per-channel scales, int32 accumulation happens inside the kernel, and the output is requantized to
@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..nn.layers import QuantLayer
+from ..nn.layers import CONVS, QuantLayer
 
 
 def _engine() -> str:
@@ -44,8 +44,9 @@ class _Int8Term(nn.Module):
             warnings.simplefilter("ignore")
             wq = torch._make_per_channel_quantized_tensor(qw, scale, torch.zeros_like(scale, dtype=torch.long), 0)
         bias = inner.bias.detach().float() if (with_bias and inner.bias is not None) else None
-        if isinstance(inner, nn.Conv2d):
-            mod = nnq.Conv2d(inner.in_channels, inner.out_channels, inner.kernel_size, inner.stride,
+        if isinstance(inner, CONVS):
+            qconv = {1: nnq.Conv1d, 2: nnq.Conv2d, 3: nnq.Conv3d}[len(inner.kernel_size)]
+            mod = qconv(inner.in_channels, inner.out_channels, inner.kernel_size, inner.stride,
                              inner.padding if isinstance(inner.padding, (tuple, int)) else 0, inner.dilation,
                              inner.groups, bias is not None)
         else:
@@ -97,8 +98,10 @@ class Int8Backend(nn.Module):
 def _supported(layer: QuantLayer) -> bool:
     if layer.act is None or layer.wbits > 8 or layer.act.bits > 8 or getattr(layer, "out_range", None) is None:
         return False
-    if isinstance(layer.inner, nn.Conv2d):
-        return type(layer.inner).forward is nn.Conv2d.forward and layer.inner.padding_mode == "zeros" and not isinstance(layer.inner.padding, str)
+    base = next((c for c in CONVS if isinstance(layer.inner, c)), None)
+    if base is not None:  # Conv1d / 2d / 3d: the quantized kernels take the same arguments
+        return (type(layer.inner).forward is base.forward and layer.inner.padding_mode == "zeros"
+                and not isinstance(layer.inner.padding, str))
     return isinstance(layer.inner, nn.Linear) and type(layer.inner).forward is nn.Linear.forward
 
 

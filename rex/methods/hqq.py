@@ -133,6 +133,7 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
         bits = spec.wbits
         policy = end_policy(spec, role)[0]  # first_layer / last_layer, else first_last
         if policy == "fp":
+            info.extra.setdefault("float_by_policy", []).append(name)
             continue
         if policy == "8bit":
             bits = max(8, spec.wbits)
@@ -151,6 +152,7 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
     n = sum(r["weights"] for r in layers)
     info.extra["hqq"] = dict(version=HQQ_VERSION, group_size=group_size, layers=layers,
                              bits_per_weight=(sum(r["bits_per_weight"] * r["weights"] for r in layers) / n) if n else None)
+    info.extra["quantized_in_place"] = [r["name"] for r in layers]  # not "left float" (rex.api.planned_float)
     info.seconds = time.perf_counter() - t0
     m.rex_info = info
     return m

@@ -2,7 +2,10 @@
 from .layers import (  # noqa: F401
     ActQuantizer,
     QuantConv1D,
+    QuantConv1d,
     QuantConv2d,
+    QuantConv3d,
+    QuantConvNd,
     QuantConvTranspose2d,
     QuantEmbedding,
     QuantLayer,

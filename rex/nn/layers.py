@@ -30,9 +30,14 @@ from ..quant import expand_groups, qrange
 MODES = ("fake", "int")
 
 
+# The plain convolutions the engine quantizes, of any spatial rank: one code path for all three (the weight is
+# [C_out, C_in / groups, *kernel], the output [N, C_out, *spatial]; nothing below depends on the rank).
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def is_conv(m: nn.Module) -> bool:
-    """Convolutions whose output channels are dim 1 of their output (Conv2d and ConvTranspose2d)."""
-    return isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+    """Convolutions whose output channels are dim 1 of their output (Conv1d/2d/3d and ConvTranspose2d)."""
+    return isinstance(m, (*CONVS, nn.ConvTranspose2d))
 
 
 def is_hf_conv1d(m: nn.Module) -> bool:
@@ -51,9 +56,9 @@ def is_embedding(m: nn.Module) -> bool:
 
 
 def is_quantizable(m: nn.Module) -> bool:
-    """The layers the engine quantizes: Conv2d (any groups), ConvTranspose2d (groups = 1), Linear, Hugging
-    Face Conv1D, Embedding."""
-    return (isinstance(m, (nn.Conv2d, nn.Linear)) or (isinstance(m, nn.ConvTranspose2d) and m.groups == 1)
+    """The layers the engine quantizes: Conv1d / Conv2d / Conv3d (any groups), ConvTranspose2d (groups = 1),
+    Linear, Hugging Face Conv1D, Embedding."""
+    return (isinstance(m, (*CONVS, nn.Linear)) or (isinstance(m, nn.ConvTranspose2d) and m.groups == 1)
             or is_hf_conv1d(m) or is_embedding(m))
 
 
@@ -415,6 +420,8 @@ class QuantLayer(nn.Module):
         For tests and for checking a kernel against the simulation."""
         if self.act is None:
             raise ValueError(f"layer {self.layer_name}: its input is not quantized, there is no integer accumulator")
+        if self._unbatched(x):
+            return [a.squeeze(0) for a in self.int_accumulators(x.unsqueeze(0))]
         plan = self._int_plan(max(abs(self.act.qmin), abs(self.act.qmax)))
         if plan["path"] == "none":
             return []
@@ -432,6 +439,11 @@ class QuantLayer(nn.Module):
             return [16 * parts[2 * k] + parts[2 * k + 1] for k in range(plan["n_terms"])]
         return parts
 
+    def _unbatched(self, x: torch.Tensor) -> bool:
+        """A convolution's unbatched input ((C, L), (C, H, W), (C, D, H, W), as torch accepts): the integer
+        path's channel reshapes need the batch dimension, so it runs as a batch of one."""
+        return is_conv(self.inner) and x.dim() == len(self._wshape) - 1
+
     def forward_int(self, x: torch.Tensor) -> torch.Tensor:
         """Integer-exact: sum_k s_k * s_x * (q_x (*) q_k) + bias, every integer accumulation exact.
 
@@ -441,6 +453,8 @@ class QuantLayer(nn.Module):
         digits (q = 16 h + l) when both digits' accumulations stay below 2^24 (``int_path``); float64 (exact
         below 2^53) otherwise. The exact accumulators are then rescaled per channel in float32, as an int8 kernel's
         requantization does (float64 on the float64 path)."""
+        if self._unbatched(x):
+            return self.forward_int(x.unsqueeze(0)).squeeze(0)
         if self.act is not None:
             qx_max = max(abs(self.act.qmin), abs(self.act.qmax))
             sx = self.act._scales()[0]
@@ -463,8 +477,21 @@ class QuantLayer(nn.Module):
         return f"name={self.layer_name}, wbits={self.wbits}, order={self.order}, densities={[round(d, 3) for d in self.densities]}, mode={self.mode}"
 
 
-class QuantConv2d(QuantLayer):
-    """Quantized Conv2d (any subclass, depthwise and grouped included)."""
+class QuantConvNd(QuantLayer):
+    """Quantized Conv1d / Conv2d / Conv3d (any subclass, depthwise and grouped included): one implementation,
+    the spatial rank only changes the shapes (per output channel scales, REx terms, integer-exact path)."""
+
+
+class QuantConv1d(QuantConvNd):
+    """Quantized Conv1d."""
+
+
+class QuantConv2d(QuantConvNd):
+    """Quantized Conv2d."""
+
+
+class QuantConv3d(QuantConvNd):
+    """Quantized Conv3d."""
 
 
 class QuantConvTranspose2d(QuantLayer):
@@ -483,8 +510,12 @@ class QuantEmbedding(QuantLayer):
     """Quantized Embedding: one scale per row (embedding vector), input ids never quantized."""
 
 
+_CONV_CLASSES = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d}
+
+
 def make_quant_layer(inner: nn.Module, *args, **kwargs) -> QuantLayer:
-    cls = QuantConv2d if isinstance(inner, nn.Conv2d) else QuantConvTranspose2d \
+    conv = next((c for t, c in _CONV_CLASSES.items() if isinstance(inner, t)), None)
+    cls = conv if conv is not None else QuantConvTranspose2d \
         if isinstance(inner, nn.ConvTranspose2d) else QuantEmbedding if is_embedding(inner) \
         else QuantConv1D if is_hf_conv1d(inner) else QuantLinear
     return cls(inner, *args, **kwargs)

@@ -1,7 +1,13 @@
 """Job folders -> ``summary.csv`` (long: one row per job and metric) and ``jobs.csv`` (one row per job).
 
 ``summary.csv`` columns, exactly: ``task, model, method, wbits, abits, order, budget, bops, metric, value, status,
-variant, commit, preset`` (``preset``: the job's named protocol, ``rex.protocols``; empty for FP32 rows)
+variant, commit, float_layers, preset``
+
+- ``float_layers``: how many weight layers of the job's model were left float because rex does not quantize
+  their type (LSTM, GRU, an attention's packed in-projection, ...); jobs.csv also names them
+  (``float_layer_names``). Empty for FP32 rows and records from before the column existed.
+- ``preset``: the job's named protocol (``rex.protocols``); empty for FP32 rows, ``shared`` for records from
+  before presets existed.
 
 - FP32 rows: method ``fp32``, wbits = abits = 32, order 1, empty budget.
 - Metrics: classification ``top1, top5, agreement, kl``; detection ``AP, AP50, AP75``; segmentation ``mIoU``.
@@ -28,13 +34,13 @@ from . import grid as gridlib
 # come last, so that the columns before them keep their meaning and order.
 # `preset` (the named protocol, rex.protocols; '' for FP32 rows) is appended after them for the same reason.
 SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status",
-                   "variant", "commit", "preset"]
+                   "variant", "commit", "float_layers", "preset"]
 JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "label", "method", "base_method",
                "allocation", "wbits", "abits", "order", "budget", "status", "bops", "plain_bops", "fp32_bops", "n",
                "primary_metric", "primary_value", "fp32_primary", "first_last", "granularity", "symmetric", "mode",
                "act_sigma", "act_layers", "act_float", "act_ranges", "act_points", "config_hash", "wall_seconds",
                "cpu_seconds", "peak_rss_mb", "error", "dir", "variant", "commit", "float_layers", "previous_failure",
-               "preset"]
+               "float_layer_names", "preset"]
 
 
 class RecordError(ValueError):
@@ -117,7 +123,10 @@ def job_row(rec: dict) -> dict:
         "dir": rec.get("dir"),
         "variant": gridlib.split_variant(rec.get("label") or Path(rec.get("dir") or "").name)[1],
         "commit": commit_of(rec),
-        "float_layers": _num((rec.get("details") or {}).get("float_layers")),
+        # weight layers of a type rex does not quantize (LSTM, GRU, an attention's packed projection, ...): left
+        # float and out of the BOPs; counted and named so that a row never claims more than was quantized
+        "float_layers": _num(det.get("float_layers")),
+        "float_layer_names": float_layer_names(det.get("float_layer_names")),
         "previous_failure": rec.get("previous_failure") or "",
         "preset": preset_of(rec, method, proto),
     }
@@ -129,6 +138,13 @@ def preset_of(rec: dict, method, proto: dict) -> str:
     if method == gridlib.FP32_METHOD:
         return ""
     return rec.get("preset") or proto.get("preset") or "shared"
+
+
+def float_layer_names(names) -> str:
+    """{'LSTM': ['lstm'], 'GRU': ['a', 'b']} -> 'GRU: a, b; LSTM: lstm' ('' when none)."""
+    if not isinstance(names, dict):
+        return ""
+    return "; ".join(f"{kind}: {', '.join(map(str, v))}" for kind, v in sorted(names.items()) if v)
 
 
 def commit_of(rec: dict) -> str:
@@ -146,7 +162,7 @@ def summary_rows(rec: dict) -> list:
         rows.append({"task": j["task"], "model": j["model"], "method": j["method"], "wbits": j["wbits"],
                      "abits": j["abits"], "order": j["order"], "budget": j["budget"], "bops": j["bops"],
                      "metric": metric, "value": _num(value), "status": j["status"], "variant": j["variant"],
-                     "commit": j["commit"], "preset": j["preset"]})
+                     "commit": j["commit"], "float_layers": j["float_layers"], "preset": j["preset"]})
     return rows
 
 

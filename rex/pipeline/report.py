@@ -76,6 +76,14 @@ def fmt_float_inputs(r) -> str:
     return f"{int(float(r['act_float']))}/{int(float(r['act_layers']))}"
 
 
+def fmt_float_layers(r) -> str:
+    """Weight layers left float because rex does not quantize their type (LSTM, GRU, ...), for a quantized row
+    ('-' for FP32 and for rows from before the column existed): 0 when every weight layer was quantized."""
+    if str(r["method"]) == "fp32" or not _isnum(r.get("float_layers")):
+        return "-"
+    return str(int(float(r["float_layers"])))
+
+
 def fmt_budget(order, budget) -> str:
     if _isnum(budget):
         return f"{float(budget):g}x"
@@ -122,6 +130,7 @@ def job_table(summary: Path, jobs: Path, task: str, model: str):
         rows.append({**{k: jr[k] for k in keys}, "status": jr["status"], "bops": jr["bops"],
                      "label": jr["label"], "error": jr.get("error"), "values": vals,
                      "act_layers": jr.get("act_layers"), "act_float": jr.get("act_float"),
+                     "float_layers": jr.get("float_layers"), "float_layer_names": jr.get("float_layer_names"),
                      "preset": jr.get("preset")})
     rows.sort(key=_sort_key)
     return rows, j
@@ -174,7 +183,8 @@ def caption(task: str, model: str, j) -> str:
     fold = "BatchNorm folded" if not others else "BatchNorm folded unless the preset keeps it"
     return (f"{model_d} on {data_d} ({n_txt}{noise}). {proto}; "
             f"{ranges}; activations quantized at layer inputs (residual adds, pooling and concatenation in "
-            f"float, in integer mode too); 'Float in' = layer inputs left float / layers; {fold}. "
+            f"float, in integer mode too); 'Float in' = layer inputs left float / layers; 'Float layers' = weight "
+            f"layers of a type rex does not quantize (LSTM, GRU, ...), left float and not in G-BOPs; {fold}. "
             f"BOPs in G-BOPs (1e9 bit-operations, rex.bops: MACs x weight bits x activation bits, summed over "
             f"expansion terms). Failed jobs are shown as 'failed'.")
 
@@ -199,13 +209,14 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     rows, j = job_table(summary, jobs, task, model)
     metrics = list(gridlib.METRICS[task])
     cap = caption(task, model, j)
-    header = (["Method", "Preset", "W/A", "K", "Budget", "G-BOPs", "Float in"]
+    header = (["Method", "Preset", "W/A", "K", "Budget", "G-BOPs", "Float in", "Float layers"]
               + [METRIC_DISPLAY.get(m, m) for m in metrics])
     body = []
     for r in rows:
         wa = "32/32" if str(r["method"]) == "fp32" else f"W{int(r['wbits'])}A{int(r['abits'])}"
         body.append([method_display(r["method"]), preset_cell(r), wa, int(r["order"]),
-                     fmt_budget(r["order"], r["budget"]), fmt_gbops(r["bops"]), fmt_float_inputs(r)]
+                     fmt_budget(r["order"], r["budget"]), fmt_gbops(r["bops"]), fmt_float_inputs(r),
+                     fmt_float_layers(r)]
                     + [fmt_metric(m, r["values"][m], r["status"]) for m in metrics])
     primary = gridlib.PRIMARY_METRIC[task]
     # pivot: variants x W/A settings, primary metric
@@ -224,6 +235,10 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     failed = [r for r in rows if r["status"] != "ok"]
     md = [f"**{cap}**", "", _md_table(header, body), ""]
     md += [f"{METRIC_DISPLAY.get(primary, primary)} at a glance:", "", _md_table(["Variant"] + settings, pivot), ""]
+    named = sorted({str(r["float_layer_names"]) for r in rows
+                    if str(r["method"]) != "fp32" and _isnum(r.get("float_layer_names"))})
+    if named:
+        md += ["Layers left float (not quantized, not in G-BOPs): " + " | ".join(named), ""]
     if failed:
         md += ["Failed jobs:", ""] + [f"- `{r['label']}`: {r['error']}" for r in failed] + [""]
     files = []
@@ -233,7 +248,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["method", "wbits", "abits", "order", "budget", "allocation", "preset", "bops", "gbops"] + metrics
-               + ["float_inputs", "layers", "status", "label", "error"])
+               + ["float_inputs", "layers", "float_layers", "status", "label", "error"])
     for r in rows:
         alloc = str(r["method"]).partition("-")[2] or "uniform"
         w.writerow([str(r["method"]).partition("-")[0], int(r["wbits"]), int(r["abits"]), int(r["order"]),
@@ -243,12 +258,13 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
                    + [("failed" if r["status"] != "ok" else (r["values"][m] if _isnum(r["values"][m]) else ""))
                       for m in metrics]
                    + [int(float(r["act_float"])) if _isnum(r.get("act_float")) else "",
-                      int(float(r["act_layers"])) if _isnum(r.get("act_layers")) else "", r["status"], r["label"],
-                      r["error"] if _isnum(r["error"]) else ""])
+                      int(float(r["act_layers"])) if _isnum(r.get("act_layers")) else "",
+                      int(float(r["float_layers"])) if _isnum(r.get("float_layers")) else "",
+                      r["status"], r["label"], r["error"] if _isnum(r["error"]) else ""])
     atomic_write_text(out_prefix.with_suffix(".csv"), buf.getvalue())
     files.append(out_prefix.with_suffix(".csv"))
     tex = [r"\begin{table}[t]", r"\centering", r"\small",
-           r"\begin{tabular}{lllcl rr" + "r" * len(metrics) + "}", r"\toprule",
+           r"\begin{tabular}{lllcl rrr" + "r" * len(metrics) + "}", r"\toprule",
            " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
     tex += [" & ".join(_tex_escape(str(c)) for c in row) + r" \\" for row in body]
     tex += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(cap) + "}",

@@ -25,14 +25,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..graph import Graph, record
+from ..graph import WEIGHT_OPS, Graph, record
+from ..nn.layers import CONVS
 from .base import Context, Transform
 from .equalize import apply_to_constant
 
 Stat = Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]  # (mean [C], var [C] or None)
 
 _KEEP_MEAN = {"dropout", "dropout2d", "avg_pool2d", "adaptive_avg_pool2d", "avg_pool1d", "contiguous", "clone",
-              "detach", "identity", "pad", "to", "float", "type_as"}
+              "detach", "identity", "pad", "to", "float", "type_as",
+              "dropout1d", "dropout3d", "adaptive_avg_pool1d", "avg_pool3d", "adaptive_avg_pool3d"}
 
 
 def _phi(z: torch.Tensor) -> torch.Tensor:
@@ -94,7 +96,7 @@ class _MomentRules:
         name = n.op
         x = args[0] if args else None
         sx = self.get(x)
-        if name in ("conv2d", "linear", "conv1d") and len(args) > 1:
+        if name in WEIGHT_OPS and len(args) > 1:
             layer = n.layer
             if layer is not None and sx is not None and sx[0].numel() != _in_channels(self.modules[layer]):
                 cin = _in_channels(self.modules[layer])
@@ -239,7 +241,7 @@ MOMENT_RULES = {
 
 def expected_inputs(model: nn.Module, example_input=None, output_stats: Optional[dict] = None,
                     graph: Optional[Graph] = None) -> dict[str, Optional[torch.Tensor]]:
-    """E[x] per input channel of every Conv2d/Linear (None where it cannot be derived without data), by the
+    """E[x] per input channel of every Conv1d/2d/3d / Linear (None where it cannot be derived without data), by the
     moment rules over ``graph`` (a recording of ``model``) or a new recording on ``example_input``."""
     return moment_rules(model, example_input, output_stats, graph).expected
 
@@ -287,7 +289,7 @@ class BiasCorrection(Transform):
 
     def apply(self, model: nn.Module, ctx: Context) -> dict:
         self.weights = {n: mod.weight.detach().clone() for n, mod in model.named_modules()
-                        if isinstance(mod, (nn.Conv2d, nn.Linear))}
+                        if isinstance(mod, (*CONVS, nn.Linear))}
         self.moments = moment_rules(model, output_stats=ctx.stats, graph=ctx.graph(model))
         self.expected = self.moments.expected
         return {}
@@ -315,7 +317,7 @@ def not_corrected(qmodel: nn.Module, float_weights: dict, expected: dict) -> dic
         if not isinstance(m, QuantLayer):
             continue
         if name not in float_weights:
-            out[name] = f"{type(m.inner).__name__}, not a Conv2d/Linear"
+            out[name] = f"{type(m.inner).__name__}, not a Conv1d/2d/3d or Linear"
         elif name not in expected:
             out[name] = "not reached by the recorded pass"
         elif expected[name] is None:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..graph import record
+from ..nn.layers import CONVS
 from .base import Context, Transform
 from .modules import get_module, set_module
 
@@ -24,7 +25,7 @@ class FoldResult:
     output_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> None:
+def fold_conv_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Fold ``bn`` into ``conv`` in place (float64 arithmetic, then back to the conv's dtype)."""
     w = conv.weight.detach().double()
     mean, var = bn.running_mean.double(), bn.running_var.double()
@@ -39,7 +40,8 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> None:
 
 def fold_batchnorm(model: nn.Module, example_input, inplace: bool = False, trace_result=None,
                    graph=None) -> FoldResult:
-    """Fold every BN that directly follows a Conv2d. Returns the new model and the folded pairs.
+    """Fold every BN that directly follows a Conv1d / Conv2d / Conv3d (BatchNorm1d / 2d / 3d: the same
+    per-output-channel arithmetic whatever the rank). Returns the new model and the folded pairs.
     ``trace_result`` (a ``rex.trace.trace``) or ``graph`` (a ``rex.graph.record``) of this very model saves
     the recording pass."""
     import copy
@@ -54,7 +56,7 @@ def fold_batchnorm(model: nn.Module, example_input, inplace: bool = False, trace
     out = FoldResult(model)
     for conv_name, bn_name in pairs:
         conv, bn = get_module(model, conv_name), get_module(model, bn_name)
-        if not isinstance(conv, nn.Conv2d) or bn.running_mean is None or bn.num_features != conv.out_channels:
+        if not isinstance(conv, CONVS) or bn.running_mean is None or bn.num_features != conv.out_channels:
             continue
         gamma = bn.weight.detach().clone() if bn.weight is not None else torch.ones(bn.num_features)
         beta = bn.bias.detach().clone() if bn.bias is not None else torch.zeros(bn.num_features)
@@ -66,7 +68,7 @@ def fold_batchnorm(model: nn.Module, example_input, inplace: bool = False, trace
 
 
 class FoldBatchNorm(Transform):
-    """Fold every BN that directly follows a Conv2d (in place); ``ctx.stats`` gets each folded conv's output
+    """Fold every BN that directly follows a Conv1d / 2d / 3d (in place); ``ctx.stats`` gets each folded conv's output
     statistics (the BN's beta, gamma), ``ctx.folded`` the pairs. The engine runs it first when ``spec.fold_bn``."""
 
     name = "fold_bn"

@@ -28,16 +28,21 @@ import torch
 from torch import nn
 
 from ..graph import Graph, record
+from ..nn.layers import CONVS
 from .base import Context, Transform
 from .modules import get_module, set_module
 
 # ops through which a per-channel positive scale passes unchanged (relu(s x) = s relu(x), ...)
 HOMOGENEOUS = {"relu", "dropout", "max_pool2d", "max_pool1d", "adaptive_max_pool2d", "avg_pool2d", "avg_pool1d",
                "adaptive_avg_pool2d", "flatten", "contiguous", "clone", "pad", "mean", "identity", "detach",
-               "dropout2d", "feature_alpha_dropout", "alpha_dropout"}
+               "dropout2d", "feature_alpha_dropout", "alpha_dropout",
+               "adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d",
+               "adaptive_max_pool3d", "dropout1d", "dropout3d"}
 # of those, the ops that also commute with a per-channel shift (needed for high-bias absorption)
 SHIFT_COMMUTING = {"relu", "dropout", "max_pool2d", "max_pool1d", "adaptive_max_pool2d", "adaptive_avg_pool2d",
-                   "flatten", "contiguous", "clone", "mean", "identity", "detach", "dropout2d"}
+                   "flatten", "contiguous", "clone", "mean", "identity", "detach", "dropout2d",
+                   "adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool3d", "adaptive_avg_pool3d",
+                   "adaptive_max_pool3d", "dropout1d", "dropout3d"}
 
 
 @dataclass
@@ -237,7 +242,8 @@ def _shift_exact(layer: nn.Module) -> bool:
     """A constant input shift maps to a constant output shift: no zero padding at the borders."""
     if isinstance(layer, nn.Linear):
         return True
-    if not isinstance(layer, nn.Conv2d) or type(layer).forward is not nn.Conv2d.forward:
+    base = next((c for c in CONVS if isinstance(layer, c)), None)
+    if base is None or type(layer).forward is not base.forward:
         return False  # a subclass may pad inside its forward
     pad = layer.padding
     return pad == "valid" or (not isinstance(pad, str) and not any(pad))

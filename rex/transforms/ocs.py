@@ -8,8 +8,8 @@ which appear in the MACs and BOPs of the layer.
 
 Implementation: the layer is replaced by :class:`OCSSplit`, a module holding the index of the input
 channels it reads (``index_select`` on dim 1, the duplicated channels appended) and the widened layer as
-``.layer`` (a plain Conv2d / Linear, quantized by the engine like any other; its name gains ``.layer``).
-Only dense layers are split (Conv2d with groups == 1, Linear): splitting a depthwise channel would need a
+``.layer`` (a plain Conv1d/2d/3d / Linear, quantized by the engine like any other; its name gains ``.layer``).
+Only dense layers are split (convolutions with groups == 1, Linear): splitting a depthwise channel would need a
 new output channel and a sum behind the layer.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..nn.layers import CONVS
 from .base import Context, Transform
 from .modules import get_module, set_module
 
@@ -74,7 +75,7 @@ def n_splits(cin: int, expand_ratio: float) -> int:
 
 def ocs_split(model: nn.Module, expand_ratio: float = 0.02, names: Optional[list[str]] = None,
               stats: Optional[dict] = None, inplace: bool = True) -> dict[str, int]:
-    """Split the input channels of every dense Conv2d / Linear (or of ``names``), in place unless
+    """Split the input channels of every dense Conv1d/2d/3d / Linear (or of ``names``), in place unless
     ``inplace=False``. ``stats`` (folded BN output statistics keyed by layer name) is re-keyed to the new
     ``<name>.layer``. Returns {new layer name: number of channels added}."""
     if expand_ratio < 0:
@@ -85,7 +86,7 @@ def ocs_split(model: nn.Module, expand_ratio: float = 0.02, names: Optional[list
     for name, m in model.named_modules():
         if names is not None and name not in names:
             continue
-        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1):
+        if isinstance(m, nn.Linear) or (isinstance(m, CONVS) and m.groups == 1):
             targets.append(name)
     done = {}
     for name in targets:
