@@ -304,10 +304,14 @@ def test_preset_column_in_csv_and_tables(tmp_path):
         {("", "80.0"), ("shared", "61.0"), ("squant", "55.0")}
     write_tables(summary, jobs, "classification", "toy", tmp_path / "t")
     md = (tmp_path / "t.md").read_text()
-    assert "| Method | Preset | W/A |" in md
-    assert "| SQuant | shared | W4A8 |" in md and "| SQuant | squant | W4A8 |" in md
-    rows = [line for line in md.splitlines() if line.startswith("| SQuant |")]
-    assert "61.00" in rows[0] and "55.00" in rows[1]  # each row its own number (matched by variant)
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    col = [c.strip() for c in header.strip("|").split("|")].index("Preset")
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+             if line.startswith("| ") and line.count("|") == header.count("|")]  # the main table, not the pivot
+    rows = {r[col]: r for r in table if r[0] == "SQuant"}
+    assert "61.00" in rows["shared"] and "55.00" in rows["squant"]  # each row its own number (matched by variant)
+    assert [r[col] for r in table if r[0] == "FP32"] == ["-"]
+    assert "| SQuant [squant] |  | 55.00 |" in md  # the pivot names a non-shared preset too
     assert "squant = SQuant's" in md and "shared = the project's" in md  # the caption names each protocol
     t = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert [r["preset"] for r in t] == ["", "shared", "squant"]

@@ -209,14 +209,14 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     rows, j = job_table(summary, jobs, task, model)
     metrics = list(gridlib.METRICS[task])
     cap = caption(task, model, j)
-    header = (["Method", "Preset", "W/A", "K", "Budget", "G-BOPs", "Float in", "Float layers"]
+    # Preset after the columns that were there before it, so that their positions hold
+    header = (["Method", "W/A", "K", "Budget", "G-BOPs", "Float in", "Float layers", "Preset"]
               + [METRIC_DISPLAY.get(m, m) for m in metrics])
     body = []
     for r in rows:
         wa = "32/32" if str(r["method"]) == "fp32" else f"W{int(r['wbits'])}A{int(r['abits'])}"
-        body.append([method_display(r["method"]), preset_cell(r), wa, int(r["order"]),
-                     fmt_budget(r["order"], r["budget"]), fmt_gbops(r["bops"]), fmt_float_inputs(r),
-                     fmt_float_layers(r)]
+        body.append([method_display(r["method"]), wa, int(r["order"]), fmt_budget(r["order"], r["budget"]),
+                     fmt_gbops(r["bops"]), fmt_float_inputs(r), fmt_float_layers(r), preset_cell(r)]
                     + [fmt_metric(m, r["values"][m], r["status"]) for m in metrics])
     primary = gridlib.PRIMARY_METRIC[task]
     # pivot: variants x W/A settings, primary metric
@@ -264,7 +264,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     atomic_write_text(out_prefix.with_suffix(".csv"), buf.getvalue())
     files.append(out_prefix.with_suffix(".csv"))
     tex = [r"\begin{table}[t]", r"\centering", r"\small",
-           r"\begin{tabular}{lllcl rrr" + "r" * len(metrics) + "}", r"\toprule",
+           r"\begin{tabular}{llcl rrrl" + "r" * len(metrics) + "}", r"\toprule",
            " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
     tex += [" & ".join(_tex_escape(str(c)) for c in row) + r" \\" for row in body]
     tex += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(cap) + "}",
