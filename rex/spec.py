@@ -202,8 +202,8 @@ class QuantSpec:
     @classmethod
     def from_config(cls, method: dict, protocol: Optional[dict] = None) -> "QuantSpec":
         """A spec from the pipeline's config groups: ``method`` (conf/method/*.yaml: name, wbits, abits, order,
-        budget, allocation, options) and ``protocol`` (conf/config.yaml: granularity, symmetric, mode,
-        first_last, act_sigma, criterion, fold_bn, seed). Unknown keys in either (e.g. a ``+method.bogus=1``
+        budget, allocation, options) and ``protocol`` (conf/config.yaml: ``PROTOCOL_KEYS``, the preset and the
+        fields; a null one takes the preset's value). Unknown keys in either (e.g. a ``+method.bogus=1``
         override, or a misspelt key) raise a ConfigError naming the key and the accepted ones."""
         method, protocol = dict(method or {}), dict(protocol or {})
         for group, d, known in (("method", method, METHOD_KEYS), ("protocol", protocol, PROTOCOL_KEYS)):
