@@ -104,6 +104,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-last", default=None, choices=["8bit", "same", "fp"],
                    help="first/last-layer policy (default: the preset's; shared: 8bit)")
     p.add_argument("--act-sigma", type=_float("act-sigma"), default=None)
+    p.add_argument("--range-propagation", default="none", choices=["none", "moments", "interval"],
+                   help="range of a layer input no BatchNorm/LayerNorm precedes, through the preceding layer")
     p.add_argument("--seed", type=_int("seed"), default=0, help="seed of every random draw (ZeroQ)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method-specific option")
 
@@ -131,7 +133,7 @@ def spec_from_args(a):
     return QuantSpec(
         method=a.method, wbits=a.wbits, abits=a.abits, order=a.order, budget=a.budget, allocation=a.allocation,
         granularity=a.granularity, symmetric=a.symmetric, mode=a.mode, first_last=a.first_last,
-        act_sigma=a.act_sigma, seed=a.seed, options=opts, preset=a.preset,
+        act_sigma=a.act_sigma, seed=a.seed, options=opts, preset=a.preset, range_propagation=a.range_propagation,
     )
 
 

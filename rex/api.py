@@ -276,16 +276,21 @@ def activation_coverage(qmodel: nn.Module) -> dict:
                                                  names=[p.name for p in plans if p.abits is None])
     if info.spec.abits is None:
         return dict(act_layers=fi["of"], act_float=fi["of"], act_float_layers=[],
-                    act_ranges="none (weight-only)", act_points="none")
+                    act_ranges="none (weight-only)", act_propagated=0, act_points="none")
     floats = list(fi["names"])
     norm = "LayerNorm" if any(isinstance(m, nn.LayerNorm) for m in qmodel.modules()) else "BatchNorm"
     source = ("distilled data (ZeroQ)" if "zeroq" in info.extra
               else "uniform-noise batch (SQuant: sigma x std)" if info.spec.act_range == "noise"
               else f"{norm} statistics (beta + n|gamma|)")
+    # inputs whose range was derived through a preceding weight layer (QuantSpec.range_propagation)
+    propagated = [p for p in plans if p.abits is not None and p.range_source]
+    if propagated:
+        how = " / ".join(sorted({p.range_source for p in propagated}))
+        source += f"; {how} through the preceding layer for {len(propagated)} inputs"
     if plans and plans[0].abits is not None:
         source += "; network input from its normalisation"
     return dict(act_layers=fi["of"], act_float=len(floats), act_float_layers=floats, act_ranges=source,
-                act_points="layer inputs (adds, pooling, concatenation in float)")
+                act_propagated=len(propagated), act_points="layer inputs (adds, pooling, concatenation in float)")
 
 
 def summary(qmodel: nn.Module, example_input=None) -> dict:

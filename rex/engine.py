@@ -58,6 +58,7 @@ class LayerPlan:
     input_range: Optional[tuple[float, float]]
     role: str  # first | last | body
     quantize: bool = True
+    range_source: Optional[str] = None  # "propagated (moments)" etc. when derived through a preceding layer
 
 
 @dataclass
@@ -178,7 +179,8 @@ def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
         if rng is None or is_embedding(m):
             abits = None  # no data-free range: input left in float (recorded); an Embedding reads ids
         plans.append(LayerPlan(name, wbits, abits, order, module_macs(m, tr.input_shape[name], tr.output_shape.get(name, ())),
-                               canonical_weight(m).shape[0], rng, role, quant))
+                               canonical_weight(m).shape[0], rng, role, quant,
+                               tr.input_source.get(name) if abits is not None else None))
     return plans
 
 
@@ -279,14 +281,15 @@ def _quantize_model(
     elif transforms is None:
         # no preparation: one recording serves both folding and ranges: a BN's output range is the same whether it is
         # folded or not, and folding renames nothing
-        tr = ranges(ctx.graph(m), sigma=spec.sigma, input_range=input_range)
+        tr = ranges(ctx.graph(m), sigma=spec.sigma, input_range=input_range, propagation=spec.range_propagation)
         run_transforms(m, fold, ctx)
         for conv, bn in ctx.folded:
             tr.output_range[conv] = tr.bn_output_range.get(bn)
     else:
         # a method's transforms (a list, even empty): the ranges come from the BN statistics they kept in step
         run_transforms(m, [*fold, *transforms], ctx)
-        tr = ranges(ctx.graph(m), sigma=spec.sigma, input_range=input_range, output_stats=ctx.stats)
+        tr = ranges(ctx.graph(m), sigma=spec.sigma, input_range=input_range, output_stats=ctx.stats,
+                    propagation=spec.range_propagation)
     info.folded = ctx.folded
     ctx.invalidate()  # the recording keeps every activation of the pass alive: not needed from here on
     if not tr.order:
@@ -300,6 +303,7 @@ def _quantize_model(
     if range_override:
         for k, v in range_override.items():
             tr.input_range[k] = v
+            tr.input_source.pop(k, None)  # the override's own source (e.g. ZeroQ's distilled data)
     plans = plan_layers(m, tr, spec)
     if noise is not None:  # the clip below 6 bits depends on each layer's own bits (the last input's 8)
         from .noise_ranges import squant_range
@@ -325,7 +329,7 @@ def _quantize_model(
         if p.abits is not None and p.input_range is not None:
             act = ActQuantizer(p.abits, p.input_range[0], p.input_range[1],
                                source="input" if p.role == "first" else
-                               "noise" if spec.act_range == "noise" else "bn-propagated")
+                               "noise" if spec.act_range == "noise" else p.range_source or "bn-propagated")
         rec = reconstruct(terms)
         layer = make_quant_layer(inner, terms, act, p.wbits, name=p.name, mode=spec.mode, dequantized=rec)
         # measured error vs the bound of method.md §2 at each row's effective order
@@ -400,6 +404,7 @@ def _noise_ranges(m: nn.Module, tr, spec: QuantSpec, ex, info: QuantInfo) -> dic
     sigma = spec.sigma_for(spec.abits)
     for name in tr.order[1:]:  # the first layer reads the network input: its range is the normalisation's
         tr.input_range[name] = squant_range(stats[name], sigma, spec.abits)
+        tr.input_source.pop(name, None)  # not propagated (range_propagation): measured under noise
     info.extra["act_range"] = dict(source="noise", batch=NOISE_BATCH, sigma=sigma, seed=spec.seed,
                                    seconds=round(time.perf_counter() - t0, 3))
     return stats

@@ -12,19 +12,41 @@ float and is counted as such). The tracer (``rex.trace``) applies these rules op
   minimum GELU(x*) = -0.16997; the image of [lo, hi] is exact from these facts.
 - SiLU likewise (minimum -0.27846 at x = -1.27846).
 - Residual add of two intervals: [a_lo + b_lo, a_hi + b_hi] (sound whatever the correlation).
-- Softmax output: [0, 1] whatever the input.
+- Softmax output: [0, 1] whatever the input; a softmax-weighted average of rows (attention's context,
+  softmax(Q K^T) V) stays in the hull of the rows' interval.
+
+Range propagation through a weight layer (``QuantSpec.range_propagation``, for a layer input that no
+BatchNorm or LayerNorm precedes, e.g. the second of two convolutions, or the Linear after GELU):
+
+- ``moments``: the per-channel mean and standard deviation of the layer's input (``Moments``, from the
+  preceding BatchNorm or LayerNorm: beta_c, |gamma_c|) carried through the layer, mean W mu + b and
+  standard deviation sqrt(sum_j w_ij^2 sigma_j^2) (inputs taken as independent; a convolution sums over its
+  kernel taps and input channels), then the usual n-sigma interval (``bn_interval``). An estimate, like the
+  BatchNorm rule itself: it may clip.
+- ``interval``: sound interval arithmetic, out_hi = b + sum_j max(w_j lo, w_j hi) (``layer_interval``):
+  never clips, loose.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+
+from .transforms.bias_correction import clipped_normal_moments
 
 Interval = Optional[tuple[float, float]]
 
 GELU_ARGMIN = -0.7517916243876858  # where d/dx x Phi(x) = 0
 SILU_ARGMIN = -1.2784645427610738  # where d/dx x sigmoid(x) = 0
+
+
+def bn_interval(mean: torch.Tensor, std: torch.Tensor, sigma: float) -> tuple[float, float]:
+    """Per-tensor range of a tensor with per-channel (mean, std), e.g. a BN output with (beta, gamma):
+    [min_c(mean_c - n|std_c|), max_c(mean_c + n|std_c|)]."""
+    std = std.abs()
+    return float((mean - sigma * std).min()), float((mean + sigma * std).max())
 
 
 def layernorm_interval(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], sigma: float,
@@ -87,3 +109,87 @@ def layer_norm_rule(args: Sequence, kwargs: dict, sigma: float) -> tuple[float, 
     bias = args[3] if len(args) > 3 else kwargs.get("bias")
     features = math.prod(shape) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
     return layernorm_interval(weight, bias, sigma, features)
+
+
+def softmax_average_interval(rows: Interval) -> Interval:
+    """Range of sum_j p_j v_j with p_j >= 0, sum_j p_j = 1 (a softmax-weighted average, attention's context)
+    and every v_j in ``rows``: a convex combination stays in the hull."""
+    return rows
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-channel mean and standard deviation of a tensor along its channel axis ``dim`` (a non-negative
+    index: 1 for N x C x H x W, the last axis for tokens N x T x D)."""
+
+    mean: torch.Tensor  # [C], float64
+    std: torch.Tensor  # [C], float64, >= 0
+    dim: int
+
+    @staticmethod
+    def of(mean: torch.Tensor, std: torch.Tensor, dim: int) -> "Moments":
+        return Moments(mean.detach().double().flatten(), std.detach().double().abs().flatten(), dim)
+
+
+def _grouped(weight: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """sum over (input channel of the group, kernel tap) of weight[o, i, ...] * v[group's i] for every output o:
+    a Conv's [C_out, C_in / groups, *k] weight or a Linear's [C_out, C_in] on a per-input-channel vector."""
+    w = weight.detach().double().reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)  # [g, o, i, k]
+    return (w * v.reshape(groups, 1, weight.shape[1], 1)).sum(dim=(2, 3)).reshape(-1)
+
+
+def layer_moments(m: Moments, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int = 1,
+                  dim: int = 1) -> Moments:
+    """Moments of a Conv/Linear output from its input's: mean W mu + b, std sqrt(sum_j w_j^2 sigma_j^2)
+    (inputs independent; a convolution sums over its taps and input channels; zero padding ignored).
+    ``dim`` is the channel axis of the output."""
+    mean = _grouped(weight, m.mean, groups)
+    if bias is not None:
+        mean = mean + bias.detach().double()
+    var = _grouped(weight.detach().double() ** 2, m.std ** 2, groups)
+    return Moments(mean, var.clamp(min=0).sqrt(), dim)
+
+
+def layer_interval(x: tuple[float, float], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   zero_in_input: bool = False) -> tuple[float, float]:
+    """Sound per-tensor range of a Conv/Linear output whose every input lies in ``x`` = [lo, hi]: per
+    output channel o, b_o + sum_j min/max(w_oj lo, w_oj hi) over its weights j (taps and input channels; a
+    grouped conv's weight holds only its group's inputs), then the hull over channels.
+    ``zero_in_input``: zero padding (or a transposed conv, where an output sees a subset of the taps) also
+    feeds zeros: the input interval is widened to hold 0, which makes every subset of the sum sound too."""
+    lo, hi = float(x[0]), float(x[1])
+    if zero_in_input:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+    w = weight.detach().double().flatten(1)
+    pos, neg = w.clamp(min=0).sum(1), w.clamp(max=0).sum(1)
+    out_lo, out_hi = pos * lo + neg * hi, pos * hi + neg * lo
+    if bias is not None:
+        b = bias.detach().double()
+        out_lo, out_hi = out_lo + b, out_hi + b
+    return float(out_lo.min()), float(out_hi.max())
+
+
+def clip_moments(m: Moments, lo: Optional[float], hi: Optional[float]) -> Moments:
+    """Moments of clamp(X, lo, hi) (ReLU: lo = 0) for X per channel N(mean, std^2): the clipped normal."""
+    mean, var = clipped_normal_moments(m.mean, m.std ** 2, lo, hi)
+    return Moments(mean.double(), var.double().clamp(min=0).sqrt(), m.dim)
+
+
+def prelu_moments(m: Moments, slope) -> Moments:
+    """Moments of PReLU(X) = max(X, 0) + a min(X, 0) = X+ - a X- (X- = max(-X, 0); X+ X- = 0) for X per
+    channel N(mean, std^2): E = E[X+] - a E[X-], E[Y^2] = E[X+^2] + a^2 E[X-^2]. ``slope`` a: one per channel
+    or a number."""
+    a = torch.as_tensor(slope).detach().double().flatten()
+    var = m.std ** 2
+    mp, vp = (t.double() for t in clipped_normal_moments(m.mean, var, 0.0, None))
+    mn, vn = (t.double() for t in clipped_normal_moments(-m.mean, var, 0.0, None))
+    mean = mp - a * mn
+    second = vp + mp ** 2 + a ** 2 * (vn + mn ** 2)
+    return Moments(mean, (second - mean ** 2).clamp(min=0).sqrt(), m.dim)
+
+
+def sum_moments(a: Moments, b: Moments, sign: float = 1.0) -> Optional[Moments]:
+    """Moments of a + sign * b for per-channel moments along the same axis (independent: variances add)."""
+    if a.dim != b.dim or a.mean.numel() != b.mean.numel():
+        return None
+    return Moments(a.mean + sign * b.mean, (a.std ** 2 + b.std ** 2).sqrt(), a.dim)

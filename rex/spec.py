@@ -20,6 +20,7 @@ GRANULARITIES = ("per_channel", "per_tensor", "per_group")
 MODES = ("fake", "int")
 FIRST_LAST = ("8bit", "same", "fp")
 CRITERIA = ("residual", "weight")
+RANGE_PROPAGATIONS = ("none", "moments", "interval")  # rex.trace.LAYER_RANGE_RULES
 FLOAT_BITS = 32
 
 # Data-free activation range: max_c(beta_c + n |gamma_c|). Fewer bits -> clip harder (coarser grid), as
@@ -52,6 +53,9 @@ class QuantSpec:
     first_last   '8bit': first/last layers W8A8, order 1; 'same': quantized like the rest; 'fp': left float
     act_sigma    n in beta + n|gamma| for data-free activation ranges (None = act_sigma_table, or by bit-width)
     criterion    neuron selection for sparse orders: 'residual' norm or 'weight' norm
+    range_propagation  data-free range of a layer input no BatchNorm/LayerNorm precedes, through the preceding
+                 layer: 'none' (input left float), 'moments' (the BN/LN moments carried through it, then n
+                 sigma) or 'interval' (sound interval arithmetic from its weights) (rex.trace)
     fold_bn      fold BatchNorm into the preceding conv before quantizing
     seed         for methods that draw random numbers (ZeroQ)
     options      method-specific settings (e.g. {'expand_ratio': 0.02} for OCS), validated into the method's
@@ -85,6 +89,7 @@ class QuantSpec:
     seed: int = 0
     options: dict = field(default_factory=dict)
     group_size: Optional[int] = None
+    range_propagation: str = "none"
     preset: str = protocols.DEFAULT_PRESET
     first_layer: Optional[str] = None
     last_layer: Optional[str] = None
@@ -130,7 +135,8 @@ class QuantSpec:
                     "(None = the dense expansion)"
                 )
         for key, allowed in (("allocation", ALLOCATIONS), ("granularity", GRANULARITIES), ("mode", MODES),
-                             ("first_last", FIRST_LAST), ("criterion", CRITERIA)):
+                             ("first_last", FIRST_LAST), ("criterion", CRITERIA),
+                             ("range_propagation", RANGE_PROPAGATIONS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         for key, allowed in (("first_layer", protocols.LAYER_POLICIES), ("last_layer", protocols.LAYER_POLICIES),
@@ -244,6 +250,8 @@ class QuantSpec:
         d = dataclasses.asdict(self)
         if d["group_size"] is None:  # absent unless per_group, so the hashes of earlier specs are unchanged
             del d["group_size"]
+        if d["range_propagation"] == "none":  # likewise: absent at its default
+            del d["range_propagation"]
         if self.preset == protocols.DEFAULT_PRESET:  # the preset-era fields at their shared values: absent too
             shared = {"preset": protocols.DEFAULT_PRESET, **protocols.get_preset(protocols.DEFAULT_PRESET).values()}
             for k in protocols.NEW_FIELDS:
@@ -263,5 +271,5 @@ class QuantSpec:
 # keys of the pipeline's config groups that map onto QuantSpec fields (``QuantSpec.from_config``)
 METHOD_KEYS = ("name", "display", "wbits", "abits", "order", "budget", "allocation", "options")
 PROTOCOL_KEYS = ("preset", "granularity", "group_size", "symmetric", "mode", "first_last", "act_sigma", "criterion",
-                 "fold_bn", "seed", "first_layer", "last_layer", "first_input", "last_input", "act_range",
-                 "act_sigma_table", "bias_bits", "relu6")
+                 "fold_bn", "seed", "range_propagation", "first_layer", "last_layer", "first_input", "last_input",
+                 "act_range", "act_sigma_table", "bias_bits", "relu6")

@@ -4,6 +4,13 @@ Per-tensor intervals are propagated op by op from BatchNorm statistics, ``beta_c
 ReLU/ReLU6/adds/concats/pooling (``RANGE_RULES``: one small function per op). ``trace`` also returns what the
 engine needs from the same recording: the execution order of the weight layers (first/last-layer policy),
 their shapes, and which Conv2d output feeds only a BatchNorm (BN folding, ``Graph.conv_bn_pairs``).
+
+A weight layer's output has a range only under a range propagation (``QuantSpec.range_propagation``,
+``LAYER_RANGE_RULES``): ``none`` (no range: only BN/LN statistics give one), ``moments`` (the per-channel
+moments of its input, propagated from the preceding BN/LN by ``RANGE_MOMENT_RULES``, carried through the layer,
+then n sigma) or ``interval`` (sound interval arithmetic from its input's range and its weights). Every
+range derived through a weight layer is tagged (``TraceResult.input_source``: "propagated (moments)"), so a
+result row says where its ranges came from.
 """
 from __future__ import annotations
 
@@ -14,7 +21,8 @@ import torch
 from torch import nn
 
 from .graph import Graph, is_weight_layer, record  # noqa: F401  (is_weight_layer: re-exported)
-from .ranges import gelu_interval, layer_norm_rule
+from .ranges import (Moments, bn_interval, clip_moments, gelu_interval, layer_interval, layer_moments,  # noqa: F401
+                     layer_norm_rule, prelu_moments, softmax_average_interval, sum_moments)
 
 Interval = Optional[tuple[float, float]]
 
@@ -31,12 +39,6 @@ _PASSTHROUGH = {
     "adaptive_max_pool3d",
 }
 _UNIT = {"sigmoid", "hardsigmoid", "softmax", "sigmoid_"}
-
-
-def bn_interval(mean: torch.Tensor, std: torch.Tensor, sigma: float) -> tuple[float, float]:
-    """Per-tensor range of a BN output: [min_c(beta_c - n|gamma_c|), max_c(beta_c + n|gamma_c|)]."""
-    std = std.abs()
-    return float((mean - sigma * std).min()), float((mean + sigma * std).max())
 
 
 def _first(ivs) -> Interval:
@@ -136,8 +138,68 @@ def _const(lo, hi):
     return lambda n, ivs, value, sigma: (lo, hi)
 
 
-# op name -> rule(node, ranges of its tensor arguments, value of an argument, sigma) -> Interval. An op not
-# listed has no range rule: its output has no range (recorded in ``TraceResult.unknown``).
+# ops that pass values through unchanged (eval mode): a softmax read through them is still a softmax
+_SAME_VALUES = frozenset({"dropout", "contiguous", "clone", "detach", "to", "float", "type_as", "identity"})
+WEIGHT_CALLS = ("conv2d", "conv1d", "conv3d", "linear", "conv_transpose2d")
+
+
+def _matmul(n, ivs, value, sigma) -> Interval:
+    """P @ V with P a softmax over its last axis (rows >= 0 summing to 1): V's hull; any other product: none."""
+    if len(n.args) < 2 or not value.is_softmax_rows(n.args[0]):
+        return None
+    return softmax_average_interval(value(n.args[1]))
+
+
+def _weight_args(n):
+    """(weight, bias, groups, zero padding fed to the sum) of a recorded conv/linear call."""
+    a, kw = n.args, n.kwargs
+    w = a[1] if len(a) > 1 else kw.get("weight")
+    b = a[2] if len(a) > 2 else kw.get("bias")
+    if n.op == "linear":
+        return w, b, 1, False
+    groups = a[6] if len(a) > 6 else kw.get("groups", 1)
+    if n.op == "conv_transpose2d":  # (input, weight [C_in, C_out / g, k], bias, stride, padding, out_pad, groups)
+        cin, opg = w.shape[0], w.shape[1]  # output channels first, each row its group's inputs and taps
+        w = w.reshape(groups, cin // groups, opg, -1).transpose(1, 2).reshape(groups * opg, cin // groups, -1)
+        return w, b, groups, True
+    pad = a[4] if len(a) > 4 else kw.get("padding", 0)
+    pads = pad if isinstance(pad, (tuple, list)) else (pad,)
+    return w, b, groups, pad == "same" or any(p != 0 for p in pads if not isinstance(p, str))
+
+
+def _no_propagation(n, ivs, value, sigma) -> Interval:
+    return None
+
+
+def _moments_propagation(n, ivs, value, sigma) -> Interval:
+    m = value.moments(n.out)  # RANGE_MOMENT_RULES ran first on this call
+    return None if m is None else bn_interval(m.mean, m.std, sigma)
+
+
+def _interval_propagation(n, ivs, value, sigma) -> Interval:
+    x = _first(ivs)
+    if x is None:
+        return None
+    w, b, _, zero_in = _weight_args(n)
+    return layer_interval(x, w, b, zero_in_input=zero_in)
+
+
+# QuantSpec.range_propagation -> the range rule of a weight layer's output (conv2d, conv1d, linear, ...)
+LAYER_RANGE_RULES: dict[str, Callable] = {
+    "none": _no_propagation,
+    "moments": _moments_propagation,
+    "interval": _interval_propagation,
+}
+
+
+def _weight_layer(n, ivs, value, sigma) -> Interval:
+    return LAYER_RANGE_RULES[value.propagation](n, ivs, value, sigma)
+
+
+# op name -> rule(node, ranges of its tensor arguments, value, sigma) -> Interval, where ``value(arg)`` is the
+# range of an argument (a tensor's or a constant's) and ``value`` also answers ``moments(t)``,
+# ``is_softmax_rows(t)`` and ``propagation`` (``_State``). An op not listed has no range rule: its output has
+# no range (recorded in ``TraceResult.unknown``).
 RANGE_RULES: dict[str, Callable] = {
     "batch_norm": _batch_norm,
     "relu": _relu,
@@ -153,15 +215,185 @@ RANGE_RULES: dict[str, Callable] = {
     **{k: _arith for k in ("add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "__isub__")},
     **{k: _mul for k in ("mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__")},
     **{k: _hull for k in _PASSTHROUGH},
-    # a weight layer's output has no range of its own: only BN statistics (folded or following) give one
-    **{k: (lambda n, ivs, value, sigma: None) for k in ("conv1d", "conv2d", "conv3d", "linear", "conv_transpose2d")},
+    # attention's context: a softmax-weighted average of V's rows (fused, or written as softmax then matmul)
+    "scaled_dot_product_attention": lambda n, ivs, value, sigma: softmax_average_interval(
+        value(n.args[2] if len(n.args) > 2 else n.kwargs.get("value"))),
+    **{k: _matmul for k in ("matmul", "__matmul__", "bmm")},
+    # a weight layer's output: by the protocol's range propagation (LAYER_RANGE_RULES; default none: only BN
+    # statistics, folded or following, give a range)
+    **{k: _weight_layer for k in WEIGHT_CALLS},
 }
+
+
+def _m_norm(n, st) -> Optional[Moments]:
+    """BatchNorm / LayerNorm output: per channel (beta_c, |gamma_c|), as their range rules take it."""
+    x, a, kw = n.args[0], n.args, n.kwargs
+    if n.op == "batch_norm":
+        w, b, dim = a[3] if len(a) > 3 else kw.get("weight"), a[4] if len(a) > 4 else kw.get("bias"), 1
+        c = x.shape[1]
+    else:
+        shape = a[1] if len(a) > 1 else kw["normalized_shape"]
+        if len(tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)) != 1:
+            return None  # normalised over several axes: no per-channel axis
+        w, b, dim = a[2] if len(a) > 2 else kw.get("weight"), a[3] if len(a) > 3 else kw.get("bias"), x.dim() - 1
+        c = x.shape[-1]
+    return Moments.of(torch.zeros(c) if b is None else b, torch.ones(c) if w is None else w, dim)
+
+
+def _m_layer(n, st) -> Optional[Moments]:
+    """conv2d / conv1d / linear: mean W mu + b, std sqrt(sum w^2 sigma^2) from its input's moments."""
+    x, m = n.args[0], st.moments(n.args[0])
+    w, b, groups, _ = _weight_args(n)
+    axis = x.dim() - 1 if n.op == "linear" else 1
+    if m is None or m.dim != axis or m.mean.numel() != w.shape[1] * groups:
+        return None  # no moments, or moments along another axis than the one the layer reads
+    return layer_moments(m, w, b, groups, n.out.dim() - 1 if n.op == "linear" else 1)
+
+
+def _m_clip(n, st) -> Optional[Moments]:
+    m, a, kw = st.moments(n.args[0]), n.args, n.kwargs
+    if m is None:
+        return None
+    if n.op in ("relu", "relu6"):
+        lo, hi = 0.0, 6.0 if n.op == "relu6" else None
+    elif n.op == "hardtanh":
+        lo, hi = a[1] if len(a) > 1 else kw.get("min_val", -1.0), a[2] if len(a) > 2 else kw.get("max_val", 1.0)
+    else:
+        lo, hi = a[1] if len(a) > 1 else kw.get("min"), a[2] if len(a) > 2 else kw.get("max")
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+        return None
+    return clip_moments(m, lo, hi)
+
+
+def _m_prelu(n, st) -> Optional[Moments]:
+    m = st.moments(n.args[0])
+    if n.op == "leaky_relu":
+        slope = n.args[1] if len(n.args) > 1 else n.kwargs.get("negative_slope", 0.01)
+    else:
+        slope = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+    per_channel = isinstance(slope, torch.Tensor) and slope.numel() > 1  # PReLU(C): one slope per channel of axis 1
+    if m is None or (per_channel and (m.dim != 1 or slope.numel() != m.mean.numel())):
+        return None
+    return prelu_moments(m, slope)
+
+
+def _m_add(n, st) -> Optional[Moments]:
+    """x + y, x - y: moments of both (independent) or a number shifting one."""
+    if len(n.args) < 2:
+        return None
+    a, b = n.args[0], n.args[1]
+    sign = -1.0 if "sub" in n.op else 1.0
+    if n.op == "__rsub__":
+        a, b = b, a
+    ma, mb = st.moments(a), st.moments(b)
+    if ma is not None and mb is not None:
+        return sum_moments(ma, mb, sign)
+    if ma is not None and isinstance(b, (int, float)):
+        return Moments(ma.mean + sign * b, ma.std, ma.dim)
+    return None
+
+
+def _m_scale(n, st) -> Optional[Moments]:
+    m = st.moments(n.args[0])
+    k = n.args[1] if len(n.args) > 1 else None
+    if m is None or not isinstance(k, (int, float)) or isinstance(k, bool) or ("div" in n.op and k == 0):
+        return None
+    k = 1.0 / k if "div" in n.op else float(k)
+    return Moments(m.mean * k, m.std * abs(k), m.dim)
+
+
+def _m_cat(n, st) -> Optional[Moments]:
+    ts = n.args[0]
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    ms = [st.moments(t) for t in ts]
+    if not isinstance(dim, int) or any(m is None or m.dim != dim % t.dim() for m, t in zip(ms, ts)):
+        return None
+    return Moments(torch.cat([m.mean for m in ms]), torch.cat([m.std for m in ms]), ms[0].dim)
+
+
+def _m_keep(n, st) -> Optional[Moments]:
+    """Values unchanged (eval-mode dropout, copies) or averaged over space (the mean kept; the standard
+    deviation kept too: neighbouring activations are correlated, so averaging shrinks it less than 1/sqrt(k))."""
+    m = st.moments(n.args[0]) if n.args else None
+    return m if m is not None and n.out.dim() == n.args[0].dim() else None
+
+
+def _m_flatten(n, st) -> Optional[Moments]:
+    """N x C x ... -> N x (C ...): channel c's moments repeated over its spatial positions."""
+    x, out, m = n.args[0], n.out, st.moments(n.args[0])
+    if m is None or m.dim != 1 or out.dim() != 2 or out.shape[0] != x.shape[0] or out.shape[1] != x[0].numel():
+        return None
+    per = out.shape[1] // m.mean.numel()
+    return Moments(m.mean.repeat_interleave(per), m.std.repeat_interleave(per), 1)
+
+
+# op name -> rule(node, state) -> Moments of its output, for range_propagation='moments' only (the interval
+# rules above do not read them). Sources: BatchNorm and LayerNorm; an op not listed loses the moments. Kept
+# apart from bias correction's MOMENT_RULES (rex.transforms.bias_correction: E[x] of folded nets, along axis 1)
+# so that DFQ's numbers do not move with it: these track the channel axis (tokens: the last) and the BN/LN calls.
+RANGE_MOMENT_RULES: dict[str, Callable] = {
+    **{k: _m_norm for k in ("batch_norm", "layer_norm")},
+    **{k: _m_layer for k in ("conv2d", "conv1d", "conv3d", "linear")},
+    **{k: _m_clip for k in ("relu", "relu6", "hardtanh", "clamp", "clip")},
+    **{k: _m_prelu for k in ("prelu", "leaky_relu")},
+    **{k: _m_add for k in ("add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "__isub__")},
+    **{k: _m_scale for k in ("mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__")},
+    **{k: _m_cat for k in ("cat", "concat")},
+    **{k: _m_keep for k in (*_SAME_VALUES, "avg_pool2d", "adaptive_avg_pool2d", "avg_pool1d")},
+    **{k: _m_flatten for k in ("flatten", "reshape", "view")},
+}
+
+# ops whose output range does not come from their inputs' (statistics, or a fixed image such as softmax's)
+_RANGE_SOURCES = frozenset({"batch_norm", "layer_norm", "tanh", *_UNIT})
+
+
+class _State:
+    """What the rules read during one pass: ``state(arg)`` is the range of an argument (a tensor's, or a
+    constant's); ``moments(t)`` a tensor's per-channel moments (range_propagation='moments');
+    ``is_softmax_rows(t)`` whether t is a softmax over its last axis (read through value-preserving ops)."""
+
+    def __init__(self, propagation: str):
+        self.propagation = propagation
+        self.made: dict = {}  # id(tensor) -> the call that last output it, so far in the pass
+        self.iv: dict[int, Interval] = {}  # id(tensor) -> its range (an in-place op's result replaces the old one)
+        self.mo: dict[int, Optional[Moments]] = {}
+        self.tag: dict[int, Optional[str]] = {}  # id(tensor) -> "propagated (<rule>)" when derived through a layer
+
+    def __call__(self, a) -> Interval:
+        if isinstance(a, torch.Tensor):
+            if a.numel() == 1 and id(a) not in self.iv:
+                v = float(a)
+                return (v, v)
+            return self.iv.get(id(a))
+        if isinstance(a, (int, float)):
+            return (float(a), float(a))
+        return None
+
+    def moments(self, t) -> Optional[Moments]:
+        return self.mo.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def is_softmax_rows(self, t) -> bool:
+        if not isinstance(t, torch.Tensor):
+            return False
+        node = self.producer(t)
+        while node is not None and node.op in _SAME_VALUES:
+            node = self.producer(node.ins[0]) if node.ins else None
+        if node is None or node.op != "softmax":
+            return False
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return isinstance(dim, int) and dim % node.out.dim() == node.out.dim() - 1
+
+    def producer(self, t):
+        return self.made.get(id(t))
 
 
 @dataclass
 class TraceResult:
     order: list[str] = field(default_factory=list)  # weight layers in execution order (first call)
     input_range: dict[str, Interval] = field(default_factory=dict)  # per weight layer, range of its input
+    # per weight layer with an input range: None (from BN/LN statistics, the network input or a fixed image)
+    # or "propagated (moments)" / "propagated (interval)" when it was derived through a preceding weight layer
+    input_source: dict[str, Optional[str]] = field(default_factory=dict)
     input_shape: dict[str, tuple] = field(default_factory=dict)
     output_shape: dict[str, tuple] = field(default_factory=dict)
     output_range: dict[str, Interval] = field(default_factory=dict)  # per weight layer, range of its output
@@ -187,31 +419,28 @@ def trace(
     input_range: Interval = None,
     output_stats: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None,
     layer_filter: Callable[[str, nn.Module], bool] = lambda n, m: is_weight_layer(m),
+    propagation: str = "none",
 ) -> TraceResult:
     """Record ``model(example_input)`` once (``rex.graph.record``) and run the range rules over it."""
-    return ranges(record(model, example_input, layer_filter), sigma, input_range, output_stats)
+    return ranges(record(model, example_input, layer_filter), sigma, input_range, output_stats, propagation)
 
 
 def ranges(graph: Graph, sigma: float = 6.0, input_range: Interval = None,
-           output_stats: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> TraceResult:
+           output_stats: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None,
+           propagation: str = "none") -> TraceResult:
     """Order, shapes, conv->BN pairs and data-free ranges of a recorded graph: the network inputs get
     ``input_range``, every call the interval its rule (``RANGE_RULES``) derives from its arguments' ranges.
 
     ``output_stats[name] = (mean, std)`` declares the per-channel distribution of a layer's output (a conv
-    whose BN was folded into it), which becomes the range of that output."""
+    whose BN was folded into it), which becomes the range of that output. ``propagation`` (none | moments |
+    interval, ``LAYER_RANGE_RULES``) decides whether a weight layer's output gets a range of its own."""
+    if propagation not in LAYER_RANGE_RULES:
+        raise ValueError(f"range propagation must be one of {tuple(LAYER_RANGE_RULES)}, got {propagation!r}")
     res = TraceResult()
     output_stats = output_stats or {}
-    iv: dict[int, Interval] = {}  # id(tensor) -> its range (an in-place op's result replaces the old one)
-
-    def value(a) -> Interval:  # the range of an argument: a tensor's, or a constant's
-        if isinstance(a, torch.Tensor):
-            if a.numel() == 1 and id(a) not in iv:
-                v = float(a)
-                return (v, v)
-            return iv.get(id(a))
-        if isinstance(a, (int, float)):
-            return (float(a), float(a))
-        return None
+    st = _State(propagation)
+    iv, tag = st.iv, st.tag
+    tagged = f"propagated ({propagation})"
 
     for n in graph.nodes:
         if n.kind == "input":
@@ -219,20 +448,34 @@ def ranges(graph: Graph, sigma: float = 6.0, input_range: Interval = None,
         elif n.kind == "call":
             if n.meta or not n.outputs:
                 continue
+            if propagation == "moments":  # first: the weight layers' range rule reads their output's moments
+                mrule = RANGE_MOMENT_RULES.get(n.op)
+                mo = mrule(n, st) if mrule is not None else None
+                for t in n.outputs:
+                    st.mo[id(t)] = mo
             rule = RANGE_RULES.get(n.op)
             r = None
             if rule is None:
                 res.unknown[n.idx] = n.op  # recorded, shown as "no range: <op>" (rex_info.notes)
             else:  # a rule that raises is a bug in the rule: it is not swallowed
-                r = rule(n, [iv.get(id(x)) for x in n.ins], value, sigma)
+                r = rule(n, [iv.get(id(x)) for x in n.ins], st, sigma)
+            how = None
+            if r is not None and n.op in WEIGHT_CALLS:
+                how = tagged
+            elif r is not None and n.op not in _RANGE_SOURCES:
+                how = next((tag[id(x)] for x in n.ins if tag.get(id(x))), None)
             for t in n.outputs:
                 iv[id(t)] = r
+                tag[id(t)] = how
+                st.made[id(t)] = n
         elif n.kind == "layer_in":
             name, x = n.op, n.arg0
             if name not in res.input_range:
                 res.order.append(name)
                 res.input_range[name] = iv.get(id(x)) if isinstance(x, torch.Tensor) else None
                 res.input_shape[name] = tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+                if res.input_range[name] is not None:
+                    res.input_source[name] = tag.get(id(x))
             res.calls[name] = res.calls.get(name, 0) + 1
         elif n.kind == "layer_out" and n.out is not None:
             name, out = n.op, n.out
@@ -240,6 +483,8 @@ def ranges(graph: Graph, sigma: float = 6.0, input_range: Interval = None,
             if name in output_stats:
                 mean, std = output_stats[name]
                 iv[id(out)] = bn_interval(mean, std, sigma)
+                tag[id(out)] = None  # the folded BatchNorm's statistics
+                st.mo[id(out)] = Moments.of(mean, std, 1) if propagation == "moments" else None
             res.output_range.setdefault(name, iv.get(id(out)))
         elif n.kind == "bn_out":
             res.bn_output_range.setdefault(n.op, iv.get(id(n.out)) if n.out is not None else None)
