@@ -102,6 +102,7 @@ def _quantize_or_keep(out: dict, model, entry, weights, spec: Optional[QuantSpec
 def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range) -> torch.nn.Module:
     """Quantize, and record BOPs, size, plain-order BOPs and the per-layer checks in ``out``."""
     out["spec"] = spec.label()
+    out["preset"] = spec.preset
     t0 = time.perf_counter()
     qmodel = rex.quantize(model, spec, example_input=ex, input_range=in_range)
     out["quant_seconds"] = round(time.perf_counter() - t0, 4)

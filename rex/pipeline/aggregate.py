@@ -1,11 +1,13 @@
 """Job folders -> ``summary.csv`` (long: one row per job and metric) and ``jobs.csv`` (one row per job).
 
 ``summary.csv`` columns, exactly: ``task, model, method, wbits, abits, order, budget, bops, metric, value, status,
-variant, commit, float_layers``
+variant, commit, float_layers, preset``
 
 - ``float_layers``: how many weight layers of the job's model were left float because rex does not quantize
   their type (LSTM, GRU, an attention's packed in-projection, ...); jobs.csv also names them
   (``float_layer_names``). Empty for FP32 rows and records from before the column existed.
+- ``preset``: the job's named protocol (``rex.protocols``); empty for FP32 rows, ``shared`` for records from
+  before presets existed.
 
 - FP32 rows: method ``fp32``, wbits = abits = 32, order 1, empty budget.
 - Metrics: classification ``top1, top5, agreement, kl``; detection ``AP, AP50, AP75``; segmentation ``mIoU``.
@@ -30,14 +32,15 @@ from . import grid as gridlib
 
 # `variant` (the folder's p= hash: '' for the default protocol) and `commit` (the checkout that computed the row)
 # come last, so that the columns before them keep their meaning and order.
+# `preset` (the named protocol, rex.protocols; '' for FP32 rows) is appended after them for the same reason.
 SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status",
-                   "variant", "commit", "float_layers"]
+                   "variant", "commit", "float_layers", "preset"]
 JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "label", "method", "base_method",
                "allocation", "wbits", "abits", "order", "budget", "status", "bops", "plain_bops", "fp32_bops", "n",
                "primary_metric", "primary_value", "fp32_primary", "first_last", "granularity", "symmetric", "mode",
                "act_sigma", "act_layers", "act_float", "act_ranges", "act_points", "config_hash", "wall_seconds",
                "cpu_seconds", "peak_rss_mb", "error", "dir", "variant", "commit", "float_layers", "previous_failure",
-               "float_layer_names"]
+               "float_layer_names", "preset"]
 
 
 class RecordError(ValueError):
@@ -125,7 +128,16 @@ def job_row(rec: dict) -> dict:
         "float_layers": _num(det.get("float_layers")),
         "float_layer_names": float_layer_names(det.get("float_layer_names")),
         "previous_failure": rec.get("previous_failure") or "",
+        "preset": preset_of(rec, method, proto),
     }
+
+
+def preset_of(rec: dict, method, proto: dict) -> str:
+    """The row's protocol preset: '' for FP32 (no quantization protocol); a record written before presets
+    existed ran the shared protocol."""
+    if method == gridlib.FP32_METHOD:
+        return ""
+    return rec.get("preset") or proto.get("preset") or "shared"
 
 
 def float_layer_names(names) -> str:
@@ -150,7 +162,7 @@ def summary_rows(rec: dict) -> list:
         rows.append({"task": j["task"], "model": j["model"], "method": j["method"], "wbits": j["wbits"],
                      "abits": j["abits"], "order": j["order"], "budget": j["budget"], "bops": j["bops"],
                      "metric": metric, "value": _num(value), "status": j["status"], "variant": j["variant"],
-                     "commit": j["commit"], "float_layers": j["float_layers"]})
+                     "commit": j["commit"], "float_layers": j["float_layers"], "preset": j["preset"]})
     return rows
 
 

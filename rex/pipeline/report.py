@@ -90,11 +90,27 @@ def fmt_budget(order, budget) -> str:
     return "dense" if int(order) > 1 else "-"
 
 
+def preset_cell(r) -> str:
+    """The row's protocol preset ('-' for FP32; rows from before presets existed ran the shared protocol)."""
+    if str(r["method"]) == "fp32":
+        return "-"
+    v = r.get("preset")
+    return str(v) if _isnum(v) and str(v) else "shared"
+
+
+def _preset_rank(name: str) -> int:
+    from ..protocols import preset_names
+
+    names = preset_names()
+    return names.index(name) if name in names else len(names)
+
+
 def _sort_key(r) -> tuple:
     base = str(r["method"]).split("-")[0]
     fp = 0 if base == "fp32" else 1
     return (fp, -int(r["wbits"]), -int(r["abits"]), METHOD_ORDER.index(base) if base in METHOD_ORDER else 99,
-            str(r["method"]), int(r["order"]), float(r["budget"]) if _isnum(r["budget"]) else -1.0)
+            str(r["method"]), int(r["order"]), float(r["budget"]) if _isnum(r["budget"]) else -1.0,
+            _preset_rank(preset_cell(r)), str(r.get("variant") or ""))
 
 
 def job_table(summary: Path, jobs: Path, task: str, model: str):
@@ -103,7 +119,8 @@ def job_table(summary: Path, jobs: Path, task: str, model: str):
     s = s[(s.task == task) & (s.model == model)]
     j = j[(j.task == task) & (j.model == model)]
     metrics = list(gridlib.METRICS[task])
-    keys = ["method", "wbits", "abits", "order", "budget"]
+    # the variant (the folder's p= hash) tells apart two rows of one method and setting under two protocols
+    keys = ["method", "wbits", "abits", "order", "budget"] + [k for k in ("variant",) if k in s and k in j]
     rows = []
     for _, jr in j.iterrows():
         sel = s
@@ -113,7 +130,8 @@ def job_table(summary: Path, jobs: Path, task: str, model: str):
         rows.append({**{k: jr[k] for k in keys}, "status": jr["status"], "bops": jr["bops"],
                      "label": jr["label"], "error": jr.get("error"), "values": vals,
                      "act_layers": jr.get("act_layers"), "act_float": jr.get("act_float"),
-                     "float_layers": jr.get("float_layers"), "float_layer_names": jr.get("float_layer_names")})
+                     "float_layers": jr.get("float_layers"), "float_layer_names": jr.get("float_layer_names"),
+                     "preset": jr.get("preset")})
     rows.sort(key=_sort_key)
     return rows, j
 
@@ -136,17 +154,37 @@ def caption(task: str, model: str, j) -> str:
                  f"+-{sd:.1f} points")
     elif _isnum(n):
         noise = "; a small set: treat sub-point differences as noise"
-    fl = FIRST_LAST.get(str(first("first_last", "8bit")), str(first("first_last", "")))
-    gran = str(first("granularity", "per_channel")).replace("_", "-")
-    sym = first("symmetric", True)
+    from ..protocols import PRESETS
+
+    quant = j[j.method != "fp32"] if "method" in j else j
+    presets = sorted({preset_cell({"method": "q", "preset": v}) for v in
+                      (quant["preset"].tolist() if "preset" in quant else [])} or {"shared"}, key=_preset_rank)
+    shared = j[[preset_cell({"method": "q", "preset": v}) == "shared" for v in j["preset"]]] if "preset" in j else j
+    sj = shared if len(shared) else j
+
+    def first_s(col, default=""):
+        vals = [v for v in sj[col].tolist() if _isnum(v)] if col in sj else []
+        return vals[0] if vals else default
+
+    fl = FIRST_LAST.get(str(first_s("first_last", "8bit")), str(first_s("first_last", "")))
+    gran = str(first_s("granularity", "per_channel")).replace("_", "-")
+    sym = first_s("symmetric", True)
     sym_t = "symmetric" if str(sym).lower() in ("true", "1") else "asymmetric"
     sources = sorted({str(v) for v in j["act_ranges"].tolist() if _isnum(v) and str(v)}) if "act_ranges" in j else []
     ranges = ("activation ranges from " + " / ".join(sources) if sources
               else "activation ranges from BatchNorm statistics (beta + n|gamma|)")
-    return (f"{model_d} on {data_d} ({n_txt}{noise}). Protocol: data-free; weights {gran} {sym_t}, {fl}; "
+    others = [p for p in presets if p != "shared"]
+    if others:  # several protocols in one table: each row names its preset (the Preset column)
+        proto = ("Protocols (column Preset): " + "; ".join(
+            f"{p} = {PRESETS[p].description if p in PRESETS else 'unknown preset'}" for p in presets)
+            + f"; shared rows: weights {gran} {sym_t}, {fl}")
+    else:
+        proto = f"Protocol: preset shared, data-free; weights {gran} {sym_t}, {fl}"
+    fold = "BatchNorm folded" if not others else "BatchNorm folded unless the preset keeps it"
+    return (f"{model_d} on {data_d} ({n_txt}{noise}). {proto}; "
             f"{ranges}; activations quantized at layer inputs (residual adds, pooling and concatenation in "
             f"float, in integer mode too); 'Float in' = layer inputs left float / layers; 'Float layers' = weight "
-            f"layers of a type rex does not quantize (LSTM, GRU, ...), left float and not in G-BOPs; BatchNorm folded. "
+            f"layers of a type rex does not quantize (LSTM, GRU, ...), left float and not in G-BOPs; {fold}. "
             f"BOPs in G-BOPs (1e9 bit-operations, rex.bops: MACs x weight bits x activation bits, summed over "
             f"expansion terms). Failed jobs are shown as 'failed'.")
 
@@ -171,13 +209,14 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     rows, j = job_table(summary, jobs, task, model)
     metrics = list(gridlib.METRICS[task])
     cap = caption(task, model, j)
-    header = (["Method", "W/A", "K", "Budget", "G-BOPs", "Float in", "Float layers"]
+    # Preset after the columns that were there before it, so that their positions hold
+    header = (["Method", "W/A", "K", "Budget", "G-BOPs", "Float in", "Float layers", "Preset"]
               + [METRIC_DISPLAY.get(m, m) for m in metrics])
     body = []
     for r in rows:
         wa = "32/32" if str(r["method"]) == "fp32" else f"W{int(r['wbits'])}A{int(r['abits'])}"
         body.append([method_display(r["method"]), wa, int(r["order"]), fmt_budget(r["order"], r["budget"]),
-                     fmt_gbops(r["bops"]), fmt_float_inputs(r), fmt_float_layers(r)]
+                     fmt_gbops(r["bops"]), fmt_float_inputs(r), fmt_float_layers(r), preset_cell(r)]
                     + [fmt_metric(m, r["values"][m], r["status"]) for m in metrics])
     primary = gridlib.PRIMARY_METRIC[task]
     # pivot: variants x W/A settings, primary metric
@@ -185,7 +224,8 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     for r in rows:
         wa = "FP32" if str(r["method"]) == "fp32" else f"W{int(r['wbits'])}A{int(r['abits'])}"
         var = (method_display(r["method"]) + ("" if int(r["order"]) == 1 else f" K={int(r['order'])}")
-               + (f" b={float(r['budget']):g}" if _isnum(r["budget"]) else ""))
+               + (f" b={float(r['budget']):g}" if _isnum(r["budget"]) else "")
+               + ("" if preset_cell(r) in ("-", "shared") else f" [{preset_cell(r)}]"))
         if wa not in settings:
             settings.append(wa)
         if var not in variants:
@@ -207,12 +247,12 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     files.append(out_prefix.with_suffix(".md"))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", "wbits", "abits", "order", "budget", "allocation", "bops", "gbops"] + metrics
+    w.writerow(["method", "wbits", "abits", "order", "budget", "allocation", "preset", "bops", "gbops"] + metrics
                + ["float_inputs", "layers", "float_layers", "status", "label", "error"])
     for r in rows:
         alloc = str(r["method"]).partition("-")[2] or "uniform"
         w.writerow([str(r["method"]).partition("-")[0], int(r["wbits"]), int(r["abits"]), int(r["order"]),
-                    r["budget"] if _isnum(r["budget"]) else "", alloc,
+                    r["budget"] if _isnum(r["budget"]) else "", alloc, "" if preset_cell(r) == "-" else preset_cell(r),
                     int(float(r["bops"])) if _isnum(r["bops"]) else "",
                     fmt_gbops(r["bops"]) if _isnum(r["bops"]) else ""]
                    + [("failed" if r["status"] != "ok" else (r["values"][m] if _isnum(r["values"][m]) else ""))
@@ -224,7 +264,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     atomic_write_text(out_prefix.with_suffix(".csv"), buf.getvalue())
     files.append(out_prefix.with_suffix(".csv"))
     tex = [r"\begin{table}[t]", r"\centering", r"\small",
-           r"\begin{tabular}{llcl rrr" + "r" * len(metrics) + "}", r"\toprule",
+           r"\begin{tabular}{llcl rrrl" + "r" * len(metrics) + "}", r"\toprule",
            " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
     tex += [" & ".join(_tex_escape(str(c)) for c in row) + r" \\" for row in body]
     tex += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(cap) + "}",
