@@ -88,12 +88,23 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", "-K", type=_int("order"), default=1, help="expansion order K >= 1")
     p.add_argument("--budget", type=_budget, default=None, help="BOPs ratio >= 1 (or absolute BOPs)")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "greedy"])
-    p.add_argument("--granularity", default="per_channel", choices=["per_channel", "per_tensor", "per_group"])
+    from .protocols import PRESETS
+
+    p.add_argument("--preset", default="shared", choices=list(PRESETS),
+                   help="named protocol (rex/protocols.py): " + "; ".join(f"{k}: {v.description}" for k, v in
+                                                                         PRESETS.items()))
+    # the protocol flags below default to the preset's value (None); given, they override it
+    p.add_argument("--granularity", default=None, choices=["per_channel", "per_tensor", "per_group"],
+                   help="weight scales (default: the preset's; shared: per_channel)")
     p.add_argument("--group-size", type=_positive_int("group-size"), default=None,
                    help="with --granularity per_group: inputs per weight scale along a row (e.g. 128)")
-    p.add_argument("--asymmetric", action="store_true")
+    p.add_argument("--asymmetric", dest="symmetric", action="store_const", const=False, default=None,
+                   help="asymmetric weight grid (default: the preset's; shared: symmetric)")
+    p.add_argument("--symmetric", dest="symmetric", action="store_const", const=True,
+                   help="symmetric weight grid (overrides an asymmetric preset)")
     p.add_argument("--mode", default="fake", choices=["fake", "int"])
-    p.add_argument("--first-last", default="8bit", choices=["8bit", "same", "fp"])
+    p.add_argument("--first-last", default=None, choices=["8bit", "same", "fp"],
+                   help="first/last-layer policy (default: the preset's; shared: 8bit)")
     p.add_argument("--act-sigma", type=_float("act-sigma"), default=None)
     p.add_argument("--range-propagation", default="none", choices=["none", "moments", "interval"],
                    help="range of a layer input no BatchNorm/LayerNorm precedes, through the preceding layer")
@@ -123,8 +134,8 @@ def spec_from_args(a):
             opts[k] = v
     return QuantSpec(
         method=a.method, wbits=a.wbits, abits=a.abits, order=a.order, budget=a.budget, allocation=a.allocation,
-        granularity=a.granularity, group_size=a.group_size, symmetric=not a.asymmetric, mode=a.mode,
-        first_last=a.first_last, act_sigma=a.act_sigma, seed=a.seed, options=opts,
+        granularity=a.granularity, group_size=a.group_size, symmetric=a.symmetric, mode=a.mode,
+        first_last=a.first_last, act_sigma=a.act_sigma, seed=a.seed, options=opts, preset=a.preset,
         range_propagation=a.range_propagation,
     )
 
@@ -185,7 +196,7 @@ def cmd_quantize(a) -> int:
         print(_fmt_table(rex.report(qmodel), ["name", "kind", "role", "wbits", "abits", "order", "densities",
                                               "max_err", "bound", "bound_ok", "act_range", "int32_safe"]))
     print()
-    for k in ("model", "spec", "bops", "fp32_bops", "bops_ratio_vs_plain", "size_mbit", "quant_seconds",
+    for k in ("model", "spec", "preset", "bops", "fp32_bops", "bops_ratio_vs_plain", "size_mbit", "quant_seconds",
               "fp32_top1", "top1", "top5", "agreement", "kl", "n", "eval_seconds"):
         if k in res:
             print(f"{k:>20}: {res[k]}")

@@ -280,6 +280,7 @@ def activation_coverage(qmodel: nn.Module) -> dict:
     floats = list(fi["names"])
     norm = "LayerNorm" if any(isinstance(m, nn.LayerNorm) for m in qmodel.modules()) else "BatchNorm"
     source = ("distilled data (ZeroQ)" if "zeroq" in info.extra
+              else "uniform-noise batch (SQuant: sigma x std)" if info.spec.act_range == "noise"
               else f"{norm} statistics (beta + n|gamma|)")
     # inputs whose range was derived through a preceding weight layer (QuantSpec.range_propagation)
     propagated = [p for p in plans if p.abits is not None and p.range_source]

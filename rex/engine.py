@@ -34,7 +34,7 @@ from .expansion import (
     sparse_from_dense,
 )
 from .nn.layers import CONVS, ActQuantizer, QuantLayer, canonical_weight, is_embedding, is_quantizable, make_quant_layer
-from .quant import WeightQuantizer, check_finite, round_nearest
+from .quant import WeightQuantizer, check_finite, quantize_bias, round_nearest
 from .quant.threads import quant_threads
 from .trace import TraceResult, ranges
 from .transforms import Context, FoldBatchNorm, Transform, finish_transforms, get_module, set_module, run_transforms
@@ -148,6 +148,16 @@ def _needs_forward(model: nn.Module) -> bool:
     return any(isinstance(x, (*CONVS, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm)) for x in model.modules())
 
 
+def end_policy(spec: QuantSpec, role: str) -> tuple[Optional[str], Optional[str]]:
+    """(layer policy, input policy) of a layer of ``role``: body layers have none; the first / last layer
+    takes first_layer / last_layer (else first_last) and first_input / last_input (None: as its policy)."""
+    if role == "first":
+        return spec.first_layer or spec.first_last, spec.first_input
+    if role == "last":
+        return spec.last_layer or spec.first_last, spec.last_input
+    return None, None
+
+
 def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
     plans = []
     roles = layer_roles(model, tr.order)
@@ -155,11 +165,16 @@ def plan_layers(model: nn.Module, tr, spec: QuantSpec) -> list[LayerPlan]:
         m = get_module(model, name)
         role = roles[name]
         wbits, abits, order, quant = spec.wbits, spec.abits, spec.order, True
-        if role != "body" and spec.first_last == "8bit":
+        policy, input_policy = end_policy(spec, role)
+        if policy == "8bit":
             wbits, order = max(8, spec.wbits), 1
             abits = None if spec.abits is None else max(8, spec.abits)
-        elif role != "body" and spec.first_last == "fp":
+        elif policy == "fp":
             quant, abits, order = False, None, 1
+        if quant and input_policy == "float":
+            abits = None  # the protocol leaves this input float (SQuant, ZeroQ: the first layer's)
+        elif quant and input_policy == "8bit" and spec.abits is not None:
+            abits = max(8, spec.abits)
         rng = tr.input_range.get(name)
         if rng is None or is_embedding(m):
             abits = None  # no data-free range: input left in float (recorded); an Embedding reads ids
@@ -251,6 +266,10 @@ def _quantize_model(
             "pass the model inputs, e.g. example_input=dict(input_ids=ids, attention_mask=mask) or a tuple; a "
             "weight-only spec (abits=None) needs none")
     ex = example_input if example_input is not None or no_forward else default_example_input(m)
+    if spec.relu6 == "relu":
+        info.extra["relu6_replaced"] = relu6_to_relu(m)
+        if info.extra["relu6_replaced"]:
+            info.notes.append(f"protocol relu6=relu: {len(info.extra['relu6_replaced'])} ReLU6 replaced by ReLU")
     ctx = Context(ex, layer_filter=layer_filter)
     fold = [FoldBatchNorm()] if spec.fold_bn else []
     if no_forward:
@@ -275,11 +294,23 @@ def _quantize_model(
     ctx.invalidate()  # the recording keeps every activation of the pass alive: not needed from here on
     if not tr.order:
         raise ConfigError(f"model has no {QUANTIZED_KINDS} layer reached by the example input: nothing to quantize")
+    noise = None
+    if spec.act_range == "noise" and spec.abits is not None:
+        if range_override:
+            raise ConfigError(f"{spec.method} sets its own activation ranges: act_range='noise' does not apply; "
+                              "use act_range='bn' (or preset shared / zeroq) with it")
+        noise = _noise_ranges(m, tr, spec, ex, info)
     if range_override:
         for k, v in range_override.items():
             tr.input_range[k] = v
             tr.input_source.pop(k, None)  # the override's own source (e.g. ZeroQ's distilled data)
     plans = plan_layers(m, tr, spec)
+    if noise is not None:  # the clip below 6 bits depends on each layer's own bits (the last input's 8)
+        from .noise_ranges import squant_range
+
+        for p in plans:
+            if p.abits is not None and p.abits != spec.abits and p.name in noise and p.name != tr.order[0]:
+                p.input_range = squant_range(noise[p.name], spec.sigma_for(spec.abits), p.abits)
     if quantizer_factory is None:
         quantizer_factory = lambda bits, name: WeightQuantizer(bits, spec.symmetric, spec.granularity,  # noqa: E731
                                                                group_size=spec.group_size)
@@ -297,7 +328,8 @@ def _quantize_model(
         act = None
         if p.abits is not None and p.input_range is not None:
             act = ActQuantizer(p.abits, p.input_range[0], p.input_range[1],
-                               source="input" if p.role == "first" else p.range_source or "bn-propagated")
+                               source="input" if p.role == "first" else
+                               "noise" if spec.act_range == "noise" else p.range_source or "bn-propagated")
         rec = reconstruct(terms)
         layer = make_quant_layer(inner, terms, act, p.wbits, name=p.name, mode=spec.mode, dequantized=rec)
         # measured error vs the bound of method.md §2 at each row's effective order
@@ -324,9 +356,13 @@ def _quantize_model(
     info.extra["float_inputs"] = dict(count=len(floats), of=sum(1 for p in plans if p.quantize and not
                                                                 is_embedding(get_module(m, p.name).inner)),
                                       names=floats)
-    unq = floats if spec.abits is not None else []
+    by_protocol = [p.name for p in plans if p.name in floats and end_policy(spec, p.role)[1] == "float"]
+    unq = [n for n in floats if n not in by_protocol] if spec.abits is not None else []
     if unq:
         info.notes.append(f"inputs left in float (no data-free range): {', '.join(unq)}")
+    if by_protocol and spec.abits is not None:
+        info.notes.append(f"inputs left in float by the protocol (first_input / last_input = float): "
+                          f"{', '.join(by_protocol)}")
     if spec.abits is not None and tr.unknown_note():
         info.notes.append(tr.unknown_note())
     if spec.mode == "int":
@@ -337,7 +373,41 @@ def _quantize_model(
     m.rex_info = info
     finish_transforms(m, transforms or (), ctx)
     info.transforms = ctx.info
+    if spec.bias_bits is not None:  # after the transforms: DFQ's bias correction changes the biases first
+        n = 0
+        for layer in layers:
+            b = getattr(layer.inner, "bias", None)
+            if isinstance(b, torch.Tensor) and not layer.embedding:
+                with torch.no_grad():
+                    b.copy_(quantize_bias(b, spec.bias_bits))
+                n += 1
+        info.extra["bias_bits"] = dict(bits=spec.bias_bits, layers=n)
     return m
+
+
+def relu6_to_relu(model: nn.Module) -> list[str]:
+    """Every ReLU6 module of ``model`` becomes a ReLU, in place (DFQ's protocol: ReLU6 clips at 6, which
+    equalization scales move; the paper replaces it everywhere). Returns the names replaced."""
+    names = [n for n, x in model.named_modules() if type(x) is nn.ReLU6]
+    for n in names:
+        set_module(model, n, nn.ReLU(inplace=get_module(model, n).inplace))
+    return names
+
+
+def _noise_ranges(m: nn.Module, tr, spec: QuantSpec, ex, info: QuantInfo) -> dict:
+    """SQuant's ranges (``rex.noise_ranges``) of every traced layer input, set in ``tr.input_range`` at the
+    spec's bits; returns the statistics (the plan re-derives a layer's range at its own bits)."""
+    from .noise_ranges import NOISE_BATCH, noise_input_stats, noise_shape, squant_range
+
+    t0 = time.perf_counter()
+    stats = noise_input_stats(m, noise_shape(ex), list(tr.order), seed=spec.seed)
+    sigma = spec.sigma_for(spec.abits)
+    for name in tr.order[1:]:  # the first layer reads the network input: its range is the normalisation's
+        tr.input_range[name] = squant_range(stats[name], sigma, spec.abits)
+        tr.input_source.pop(name, None)  # not propagated (range_propagation): measured under noise
+    info.extra["act_range"] = dict(source="noise", batch=NOISE_BATCH, sigma=sigma, seed=spec.seed,
+                                   seconds=round(time.perf_counter() - t0, 3))
+    return stats
 
 
 def int32_note(layers) -> str | None:

@@ -123,6 +123,7 @@ def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range, quantizer: O
         def quantizer(s):
             return rex.quantize(model, s, example_input=ex, input_range=in_range)
     out["spec"] = spec.label()
+    out["preset"] = spec.preset
     t0 = time.perf_counter()
     qmodel = quantizer(spec)
     out["quant_seconds"] = round(time.perf_counter() - t0, 4)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import labels
+from . import protocols
 from .errors import ConfigError, UnknownNameError
 from .methods import did_you_mean as _did_you_mean
 from .methods import method_config, method_names
@@ -50,7 +51,7 @@ class QuantSpec:
     symmetric    symmetric weight grid (False: asymmetric with zero point)
     mode         'fake' (one float conv per layer) or 'int' (integer-exact simulation)
     first_last   '8bit': first/last layers W8A8, order 1; 'same': quantized like the rest; 'fp': left float
-    act_sigma    n in beta + n|gamma| for data-free activation ranges (None = by bit-width)
+    act_sigma    n in beta + n|gamma| for data-free activation ranges (None = act_sigma_table, or by bit-width)
     criterion    neuron selection for sparse orders: 'residual' norm or 'weight' norm
     range_propagation  data-free range of a layer input no BatchNorm/LayerNorm precedes, through the preceding
                  layer: 'none' (input left float), 'moments' (the BN/LN moments carried through it, then n
@@ -59,6 +60,17 @@ class QuantSpec:
     seed         for methods that draw random numbers (ZeroQ)
     options      method-specific settings (e.g. {'expand_ratio': 0.02} for OCS), validated into the method's
                  typed config (``spec.config``, a ``rex.methods.MethodConfig``)
+    preset       named protocol (``rex.protocols.PRESETS``: shared, squant, dfq, zeroq, ocs); it fills the fields
+                 below it governs that are left None (granularity, symmetric, first_last, fold_bn and:)
+    first_layer, last_layer   that layer's policy (8bit | same | fp), None = first_last
+    first_input, last_input   that layer's input alone: 'float' | '8bit', None = as the layer's policy says
+    act_range    'bn' (BatchNorm statistics, method.md §4) | 'noise' (SQuant: sigma x std under uniform noise)
+    act_sigma_table  activation bits -> sigma (None: by bit-width, ``DEFAULT_ACT_SIGMA``)
+    bias_bits    None (float biases) or the bits of a symmetric per-tensor bias grid (DFQ: 16)
+    relu6        'keep' | 'relu' (every ReLU6 module becomes a ReLU first, DFQ's protocol)
+
+    A governed field given explicitly overrides the preset (and is recorded); after construction every
+    governed field holds its resolved value.
     """
 
     method: str = "rex"
@@ -67,19 +79,29 @@ class QuantSpec:
     order: int = 1
     budget: Optional[float] = None
     allocation: str = "uniform"
-    granularity: str = "per_channel"
-    symmetric: bool = True
+    granularity: Optional[str] = None  # None: the preset's (shared: per_channel)
+    symmetric: Optional[bool] = None  # shared: True
     mode: str = "fake"
-    first_last: str = "8bit"
+    first_last: Optional[str] = None  # shared: 8bit
     act_sigma: Optional[float] = None
     criterion: str = "residual"
-    fold_bn: bool = True
+    fold_bn: Optional[bool] = None  # shared: True
     seed: int = 0
     options: dict = field(default_factory=dict)
     group_size: Optional[int] = None
     range_propagation: str = "none"
+    preset: str = protocols.DEFAULT_PRESET
+    first_layer: Optional[str] = None
+    last_layer: Optional[str] = None
+    first_input: Optional[str] = None
+    last_input: Optional[str] = None
+    act_range: Optional[str] = None  # shared: bn
+    act_sigma_table: Optional[dict] = None
+    bias_bits: Optional[int] = None
+    relu6: Optional[str] = None  # shared: keep
 
     def __post_init__(self):
+        self._resolve_preset()
         if not isinstance(self.method, str):
             raise ConfigError(f"method must be a method name (a string), got {self.method!r}; known: "
                               f"{', '.join(method_names())}")
@@ -117,6 +139,18 @@ class QuantSpec:
                              ("range_propagation", RANGE_PROPAGATIONS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        for key, allowed in (("first_layer", protocols.LAYER_POLICIES), ("last_layer", protocols.LAYER_POLICIES),
+                             ("first_input", protocols.INPUT_POLICIES), ("last_input", protocols.INPUT_POLICIES)):
+            if getattr(self, key) is not None and getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {allowed} or None, got {getattr(self, key)!r}")
+        for key, allowed in (("act_range", protocols.ACT_RANGES), ("relu6", protocols.RELU6)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        object.__setattr__(self, "act_sigma_table", protocols.check_sigma_table(self.act_sigma_table))
+        if self.bias_bits is not None and (isinstance(self.bias_bits, bool) or not isinstance(self.bias_bits, int)
+                                           or not 2 <= self.bias_bits <= 16):
+            raise ConfigError(f"bias_bits must be an integer in 2..16 (DFQ: 16) or None (float biases), got "
+                              f"{self.bias_bits!r}")
         if self.granularity == "per_group" and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
                                                 or self.group_size < 1):
             raise ConfigError(f"granularity='per_group' needs group_size, a positive integer (inputs per scale along "
@@ -138,6 +172,18 @@ class QuantSpec:
             raise ConfigError(f"options must be a mapping, got {type(self.options).__name__}")
         # the method's typed options (rex.methods: one MethodConfig per method), validated here once
         object.__setattr__(self, "_config", method_config(self.method, self.options))
+
+    def _resolve_preset(self) -> None:
+        """Fill the governed fields left None from the preset; remember which were given (``replace``)."""
+        gov = {k: getattr(self, k) for k in protocols.GOVERNED}
+        object.__setattr__(self, "_explicit", frozenset(k for k, v in gov.items() if v is not None))
+        resolved = protocols.resolve({**gov, "preset": self.preset})
+        for k in ("preset", *protocols.GOVERNED):
+            object.__setattr__(self, k, resolved[k])
+
+    def protocol(self) -> dict[str, Any]:
+        """The resolved protocol fields (``PROTOCOL_KEYS``), as recorded with a pipeline job."""
+        return {k: getattr(self, k) for k in PROTOCOL_KEYS}
 
     @property
     def config(self):
@@ -162,8 +208,8 @@ class QuantSpec:
     @classmethod
     def from_config(cls, method: dict, protocol: Optional[dict] = None) -> "QuantSpec":
         """A spec from the pipeline's config groups: ``method`` (conf/method/*.yaml: name, wbits, abits, order,
-        budget, allocation, options) and ``protocol`` (conf/config.yaml: granularity, symmetric, mode,
-        first_last, act_sigma, criterion, fold_bn, seed). Unknown keys in either (e.g. a ``+method.bogus=1``
+        budget, allocation, options) and ``protocol`` (conf/config.yaml: ``PROTOCOL_KEYS``, the preset and the
+        fields; a null one takes the preset's value). Unknown keys in either (e.g. a ``+method.bogus=1``
         override, or a misspelt key) raise a ConfigError naming the key and the accepted ones."""
         method, protocol = dict(method or {}), dict(protocol or {})
         for group, d, known in (("method", method, METHOD_KEYS), ("protocol", protocol, PROTOCOL_KEYS)):
@@ -182,10 +228,23 @@ class QuantSpec:
 
     @property
     def sigma(self) -> float:
-        return self.act_sigma if self.act_sigma is not None else default_act_sigma(self.abits)
+        return self.sigma_for(self.abits)
+
+    def sigma_for(self, abits: Optional[int]) -> float:
+        """n of the activation ranges at ``abits`` bits: act_sigma, else the act_sigma_table, else by bit-width."""
+        if self.act_sigma is not None:
+            return self.act_sigma
+        if self.act_sigma_table is not None:
+            return protocols.sigma_from_table(self.act_sigma_table, abits)
+        return default_act_sigma(abits)
 
     def replace(self, **kw) -> "QuantSpec":
-        return dataclasses.replace(self, **kw)
+        """A copy with ``kw`` changed. Governed fields the preset filled are filled again (a new preset
+        fills them with its values); those given explicitly stay explicit."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in protocols.GOVERNED or f.name in self._explicit}
+        d.update(kw)
+        return QuantSpec(**d)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -193,6 +252,11 @@ class QuantSpec:
             del d["group_size"]
         if d["range_propagation"] == "none":  # likewise: absent at its default
             del d["range_propagation"]
+        if self.preset == protocols.DEFAULT_PRESET:  # the preset-era fields at their shared values: absent too
+            shared = {"preset": protocols.DEFAULT_PRESET, **protocols.get_preset(protocols.DEFAULT_PRESET).values()}
+            for k in protocols.NEW_FIELDS:
+                if d[k] == shared[k]:
+                    del d[k]
         d["act_sigma_effective"] = self.sigma
         return d
 
@@ -206,5 +270,6 @@ class QuantSpec:
 
 # keys of the pipeline's config groups that map onto QuantSpec fields (``QuantSpec.from_config``)
 METHOD_KEYS = ("name", "display", "wbits", "abits", "order", "budget", "allocation", "options")
-PROTOCOL_KEYS = ("granularity", "group_size", "symmetric", "mode", "first_last", "act_sigma", "criterion", "fold_bn",
-                 "seed", "range_propagation")
+PROTOCOL_KEYS = ("preset", "granularity", "group_size", "symmetric", "mode", "first_last", "act_sigma", "criterion",
+                 "fold_bn", "seed", "range_propagation", "first_layer", "last_layer", "first_input", "last_input",
+                 "act_range", "act_sigma_table", "bias_bits", "relu6")

@@ -19,9 +19,10 @@ from rex.pipeline import grid as gridlib
 
 ROOT = PROJECT_ROOT
 GRIDS = sorted((ROOT / "conf" / "grid").glob("*.yaml"))
-# variant (the folder's ,p=<hash>, '' for the default protocol) and commit appended by issue 12 item 7
+# variant (the folder's ,p=<hash>, '' for the default protocol) and commit appended by issue 12 item 7, preset (the
+# named protocol) by item 5
 SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status",
-                   "variant", "commit", "float_layers"]
+                   "variant", "commit", "float_layers", "preset"]
 
 
 def snakemake(*args, timeout=900):

@@ -124,7 +124,7 @@ def _execution_order(model: nn.Module, example_input, notes: list) -> list:
 
 
 def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -> nn.Module:
-    from ..engine import QuantInfo, check_model_weights
+    from ..engine import QuantInfo, check_model_weights, end_policy
     from ..transforms import get_module
 
     if spec.abits is not None:
@@ -144,10 +144,11 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
         mod = get_module(m, name)
         role = "first" if i == 0 else "last" if i == len(order) - 1 else "body"
         bits = spec.wbits
-        if role != "body" and spec.first_last == "fp":
+        policy = end_policy(spec, role)[0]  # first_layer / last_layer, else first_last
+        if policy == "fp":
             info.extra.setdefault("float_by_policy", []).append(name)
             continue
-        if role != "body" and spec.first_last == "8bit":
+        if policy == "8bit":
             bits = max(8, spec.wbits)
         if isinstance(mod, nn.ConvTranspose2d):
             raise ConfigError(f"hqq does not handle ConvTranspose2d ({name}); use another method for this model")

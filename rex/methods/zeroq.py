@@ -56,16 +56,28 @@ def _zeroq(model, spec, example_input, input_range, faithful: bool):
     name = "zeroq" if faithful else "zeroq_lite"
     require_order_one(spec, name, None)
     require_batchnorm(model, name, "the BatchNorm running statistics are its distillation target")
+    if spec.act_range == "noise":  # checked before minutes of distillation
+        raise ConfigError(f"{name} sets its own activation ranges (distilled data): act_range='noise' does not "
+                          "apply; use act_range='bn' (or preset shared / zeroq) with it")
     cfg = spec.config
     batch, steps, lr, pct = cfg.zeroq_batch, cfg.zeroq_steps, cfg.zeroq_lr, cfg.zeroq_percentile
     ex = example_input if example_input is not None else default_example_input(model)
+    src = model
+    if spec.relu6 == "relu":  # the ranges are those of the protocol's model (the engine replaces them too);
+        # the distillation matches BN statistics on the model as given (its cache key is the weights)
+        import copy
+
+        from ..engine import relu6_to_relu
+
+        src = copy.deepcopy(model)
+        relu6_to_relu(src)
     if not isinstance(ex, torch.Tensor):
         raise ConfigError(f"{name} needs a single-tensor example_input (the shape of the distilled batch)")
     if faithful:
         data, dinfo = distill_zeroq(model, tuple(ex.shape), batch=batch, iters=steps, seed=spec.seed, lr=lr)
     else:
         data, dinfo = distill(model, tuple(ex.shape), batch=batch, steps=steps, seed=spec.seed, lr=lr)
-    folded = fold_batchnorm(model, ex).model if spec.fold_bn else model
+    folded = fold_batchnorm(src, ex).model if spec.fold_bn else src
     t0 = time.perf_counter()
     ranges = activation_ranges(folded, data, None if pct is None else float(pct))
     if ranges:  # the network input keeps the protocol's range (input_range, or float without one)

@@ -1,11 +1,13 @@
 """Job folders -> ``summary.csv`` (long: one row per job and metric) and ``jobs.csv`` (one row per job).
 
 ``summary.csv`` columns, exactly: ``task, model, method, wbits, abits, order, budget, bops, metric, value, status,
-variant, commit, float_layers``
+variant, commit, float_layers, preset``
 
 - ``float_layers``: how many weight layers of the job's model were left float because rex does not quantize
   their type (LSTM, GRU, an attention's packed in-projection, ...); jobs.csv also names them
   (``float_layer_names``). Empty for FP32 rows and records from before the column existed.
+- ``preset``: the job's named protocol (``rex.protocols``); empty for FP32 rows, ``shared`` for records from
+  before presets existed.
 
 - FP32 rows: method ``fp32``, wbits = abits = 32, order 1, empty budget.
 - Metrics: classification ``top1, top5, agreement, kl``; detection ``AP, AP50, AP75``; segmentation ``mIoU``;
@@ -32,14 +34,15 @@ from . import grid as gridlib
 
 # `variant` (the folder's p= hash: '' for the default protocol) and `commit` (the checkout that computed the row)
 # come last, so that the columns before them keep their meaning and order.
+# `preset` (the named protocol, rex.protocols; '' for FP32 rows) is appended after them for the same reason.
 SUMMARY_COLUMNS = ["task", "model", "method", "wbits", "abits", "order", "budget", "bops", "metric", "value", "status",
-                   "variant", "commit", "float_layers"]
+                   "variant", "commit", "float_layers", "preset"]
 JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "label", "method", "base_method",
                "allocation", "wbits", "abits", "order", "budget", "status", "bops", "plain_bops", "fp32_bops", "n",
                "primary_metric", "primary_value", "fp32_primary", "first_last", "granularity", "symmetric", "mode",
                "act_sigma", "act_layers", "act_float", "act_ranges", "act_points", "config_hash", "wall_seconds",
                "cpu_seconds", "peak_rss_mb", "error", "dir", "variant", "commit", "float_layers", "previous_failure",
-               "float_layer_names", "bits_per_weight", "group_size", "reason", "window", "tokens"]
+               "float_layer_names", "preset", "bits_per_weight", "group_size", "reason", "window", "tokens"]
 # A job's status: ok, failed, or n/a (the method does not apply to the model, e.g. DFQ without BatchNorm: a final
 # result with its ``reason``, shown as "n/a (<reason>)" in the tables).
 STATUSES = ("ok", "failed", "n/a")
@@ -130,12 +133,21 @@ def job_row(rec: dict) -> dict:
         "float_layers": _num(det.get("float_layers")),
         "float_layer_names": float_layer_names(det.get("float_layer_names")),
         "previous_failure": rec.get("previous_failure") or "",
+        "preset": preset_of(rec, method, proto),
         # the cost of a weight-only row: bits per weight with scales, zero points and masks (32 for FP32)
         "bits_per_weight": _num(rec.get("bits_per_weight")),
         "group_size": _num(proto.get("group_size")) if proto.get("granularity") == "per_group" else "",
         "reason": rec.get("reason") or "",
         "window": _num(det.get("window")), "tokens": _num(det.get("tokens")),
     }
+
+
+def preset_of(rec: dict, method, proto: dict) -> str:
+    """The row's protocol preset: '' for FP32 (no quantization protocol); a record written before presets
+    existed ran the shared protocol."""
+    if method == gridlib.FP32_METHOD:
+        return ""
+    return rec.get("preset") or proto.get("preset") or "shared"
 
 
 def float_layer_names(names) -> str:
@@ -160,7 +172,7 @@ def summary_rows(rec: dict) -> list:
         rows.append({"task": j["task"], "model": j["model"], "method": j["method"], "wbits": j["wbits"],
                      "abits": j["abits"], "order": j["order"], "budget": j["budget"], "bops": j["bops"],
                      "metric": metric, "value": _num(value), "status": j["status"], "variant": j["variant"],
-                     "commit": j["commit"], "float_layers": j["float_layers"]})
+                     "commit": j["commit"], "float_layers": j["float_layers"], "preset": j["preset"]})
     return rows
 
 

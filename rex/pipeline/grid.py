@@ -16,6 +16,13 @@ A grid::
       - {method: rtn, bits: [[8, 8], [4, 8]]}
       - {method: rex, bits: [[4, 8]], orders: [2, 3], budgets: [null, 1.5], allocation: uniform}
       - {method: rtn, bits: [[4, 32]], protocol: {granularity: per_group, group_size: 128}}  # this block only
+      - {method: squant, bits: [[4, 8]], protocol: {preset: squant}}   # this block's protocol.* on top
+
+Protocol presets (``rex.protocols``): a job's protocol is the grid's ``protocol`` with its method block's
+``protocol`` on top. Under a preset other than ``shared``, a grid-level key at the shared preset's value counts
+as not set (grid files list every key, at the shared values), so the preset fills it; a key in the method
+block's ``protocol`` is always explicit (it overrides the preset). ``snakemake --config 'protocol={preset:
+squant}'`` runs the whole grid under SQuant's protocol, in folders of their own (the preset is in the variant).
 
 Sensible combinations only: a budget needs order >= 2 (``budgets`` entries are skipped for order 1, except
 ``null`` = dense), duplicate labels collapse, and two different settings mapping to one label are an error.
@@ -29,6 +36,8 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from .. import protocols
+from ..errors import ConfigError
 from ..labels import FLOAT_BITS, FP32_METHOD, LABEL_RE, fp32_label, label, parse_label  # noqa: F401 (re-exported)
 
 TASKS = ("classification", "detection", "segmentation", "text_similarity", "language_modeling")
@@ -74,6 +83,13 @@ def hydra_value(v: Any) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def protocol_value(v: Any) -> str:
+    """A protocol value as a Hydra override: a mapping (act_sigma_table) in Hydra's dict grammar."""
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
+    return hydra_value(v)
+
+
 def load_yaml(path: Path) -> dict:
     with open(path) as f:
         return yaml.safe_load(f) or {}
@@ -116,7 +132,10 @@ def expand_methods(blocks: Iterable[dict]) -> list:
         budgets = list(block.pop("budgets", [None]))
         allocation = block.pop("allocation", "uniform")
         options = dict(block.pop("options", {}) or {})
-        protocol = dict(block.pop("protocol", {}) or {})  # over the grid's protocol, for this block's jobs only
+        protocol = block.pop("protocol", None) or {}
+        if not isinstance(protocol, dict):
+            raise GridError(f"method block for {method!r}: protocol must be a mapping of protocol.* keys (e.g. "
+                            f"{{preset: squant}}), got {protocol!r}")
         if protocol.get("granularity") == "per_group" and not protocol.get("group_size"):
             raise GridError(f"method block for {method!r}: granularity per_group needs group_size (e.g. 128) in "
                             "the same protocol block")
@@ -130,7 +149,7 @@ def expand_methods(blocks: Iterable[dict]) -> list:
                     settings.append(dict(method=method, wbits=w, abits=a, order=k,
                                          budget=None if b is None else float(b),
                                          allocation=allocation if b is not None else "uniform",
-                                         options=options, protocol=protocol))
+                                         options=options, protocol=dict(protocol)))
     return settings
 
 
@@ -193,11 +212,37 @@ def protocol_defaults(conf_dir: Path) -> dict:
     return dict(load_yaml(Path(conf_dir) / "config.yaml").get("protocol") or {})
 
 
+def resolved_protocol(protocol: dict, defaults: dict) -> dict:
+    """``defaults`` (conf/config.yaml's protocol) with ``protocol`` on top, every key the preset governs and
+    leaves null filled from the preset (``rex.protocols.resolve``): what the job's QuantSpec will hold."""
+    try:
+        return protocols.resolve({**defaults, **protocol})
+    except ConfigError as exc:
+        raise GridError(str(exc)) from None
+
+
+def job_protocol(grid_protocol: dict, block_protocol: Optional[dict] = None, defaults: Optional[dict] = None) -> dict:
+    """The protocol.* overrides of one job: the grid's, then its method block's. Under a preset other than
+    shared, a grid-level key the preset governs that holds the shared value is dropped (grid files list every
+    key, at the shared values): the preset fills it. Method-block keys are always kept."""
+    block_protocol = dict(block_protocol or {})
+    preset = block_protocol.get("preset", grid_protocol.get("preset", (defaults or {}).get("preset")))
+    out = dict(grid_protocol)
+    if preset not in (None, protocols.DEFAULT_PRESET):
+        shared = protocols.resolve({"preset": protocols.DEFAULT_PRESET})
+        out = {k: v for k, v in out.items() if not (k in protocols.GOVERNED and v == shared[k])}
+    out.update(block_protocol)
+    return out
+
+
 def variant(protocol: dict, defaults: dict, options: Optional[dict] = None, dataset: Optional[str] = None,
             default_dataset: Optional[str] = None) -> str:
     """'' for a job of the default protocol, no method options and the model's own dataset; else the first 8
-    hex digits of the sha256 of what differs (the ``p=`` part of the folder name)."""
-    diff = {f"protocol.{k}": v for k, v in sorted(protocol.items()) if k not in defaults or defaults[k] != v}
+    hex digits of the sha256 of what differs (the ``p=`` part of the folder name). Protocols are compared
+    resolved (``resolved_protocol``): a preset is in the identity with every value it sets, and a key set to
+    the value the defaults resolve to changes nothing."""
+    job, base = resolved_protocol(protocol, defaults), resolved_protocol({}, defaults)
+    diff = {f"protocol.{k}": v for k, v in sorted(job.items()) if k not in base or base[k] != v}
     diff.update({f"method.options.{k}": v for k, v in sorted((options or {}).items())})
     if dataset and default_dataset and dataset != default_dataset:
         diff["dataset"] = dataset
@@ -261,8 +306,9 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
         for s in settings:
             # the float model's numbers depend on its dataset only, not on the quantization protocol
             fp = s["method"] == FP32_METHOD
-            proto = {**protocol, **s["protocol"]}  # a method block's own protocol (e.g. per_group) over the grid's
-            tag = variant({} if fp else proto, proto_defaults, s["options"], dataset, mconf.get("dataset"))
+            jproto = job_protocol(protocol, s.get("protocol"), proto_defaults)
+            tag = variant({} if fp else jproto, proto_defaults, s["options"], dataset, mconf.get("dataset"))
+            preset = "" if fp else resolved_protocol(jproto, proto_defaults)["preset"]
             lab = job_label(label(s["method"], s["wbits"], s["abits"], s["order"], s["budget"], s["allocation"]), tag)
             if not re.fullmatch(JOB_LABEL_RE, lab):
                 raise GridError(f"label {lab!r} does not match {JOB_LABEL_RE}")
@@ -272,14 +318,15 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
                 ov += [f"method.wbits={s['wbits']}", f"method.abits={s['abits']}", f"method.order={s['order']}",
                        f"method.budget={hydra_value(s['budget'])}", f"method.allocation={s['allocation']}"]
                 ov += [f"++method.options.{k}={hydra_value(v)}" for k, v in sorted(s["options"].items())]
-            overrides = common + [f"protocol.{k}={hydra_value(v)}" for k, v in sorted(proto.items())] + ov
+            overrides = common + [f"protocol.{k}={protocol_value(v)}" for k, v in sorted(jproto.items())] + ov
             if key in seen:
                 if seen[key]["overrides"] != overrides:
                     raise GridError(f"two different settings of {model} map to the same folder {lab!r}; "
                                     "give them different methods/options or split the grid")
                 continue
-            job = dict(task=task, model=model, dataset=dataset, label=lab, variant=tag, method=s["method"],
-                       group_size=proto.get("group_size") if proto.get("granularity") == "per_group" else None,
+            job = dict(task=task, model=model, dataset=dataset, label=lab, variant=tag, preset=preset,
+                       method=s["method"],
+                       group_size=jproto.get("group_size") if jproto.get("granularity") == "per_group" else None,
                        wbits=s["wbits"], abits=s["abits"], order=s["order"], budget=s["budget"],
                        allocation=s["allocation"], limit=limit, checkpoint=ckpt, overrides=overrides,
                        dir=relpath(rdir / "runs" / task / model / lab, project_root))

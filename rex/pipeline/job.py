@@ -171,6 +171,9 @@ def identity(cfg_dict: Optional[dict], out: Path) -> dict:
             method=m.get("name"), wbits=m.get("wbits"),
             abits=gridlib.FLOAT_BITS if m.get("abits") in (None, gridlib.FLOAT_BITS) else m.get("abits"),
             order=m.get("order"), budget=m.get("budget"), allocation=m.get("allocation", "uniform"),
+            # the protocol preset (a failed job's row names it too); FP32 rows have none
+            preset="" if m.get("name") == gridlib.FP32_METHOD else
+            ((cfg_dict.get("protocol") or {}).get("preset") or "shared"),
         )
     return ident
 
@@ -372,6 +375,10 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
         n_threads = int((cfg_dict.get("run") or {}).get("threads") or 1)
         torch.set_num_threads(n_threads)
         spec = spec_from_config(cfg_dict)
+        # the protocol as run: the preset's values filled in (left null in conf/config.yaml)
+        from ..protocols import resolve
+
+        record["protocol"] = {**resolve(record["protocol"]), **(spec.protocol() if spec is not None else {})}
         expected = gridlib.fp32_label() if spec is None else spec.label()
         record["spec_hash"] = spec.hash() if spec is not None else None
         # a folder named like a label must be the label of what runs (any other name is the caller's choice)

@@ -148,12 +148,28 @@ def fmt_budget(order, budget) -> str:
     return "dense" if int(order) > 1 else "-"
 
 
+def preset_cell(r) -> str:
+    """The row's protocol preset ('-' for FP32; rows from before presets existed ran the shared protocol)."""
+    if str(r["method"]) == "fp32":
+        return "-"
+    v = r.get("preset")
+    return str(v) if _isnum(v) and str(v) else "shared"
+
+
+def _preset_rank(name: str) -> int:
+    from ..protocols import preset_names
+
+    names = preset_names()
+    return names.index(name) if name in names else len(names)
+
+
 def _sort_key(r) -> tuple:
     base = str(r["method"]).split("-")[0]
     fp = 0 if base == "fp32" else 1
     g = float(r["group_size"]) if _isnum(r.get("group_size")) else float("inf")  # per channel first
     return (fp, -int(r["wbits"]), -int(r["abits"]), -g, METHOD_ORDER.index(base) if base in METHOD_ORDER else 99,
-            str(r["method"]), int(r["order"]), float(r["budget"]) if _isnum(r["budget"]) else -1.0)
+            str(r["method"]), int(r["order"]), float(r["budget"]) if _isnum(r["budget"]) else -1.0,
+            _preset_rank(preset_cell(r)), str(r.get("variant") or ""))
 
 
 def job_table(summary: Path, jobs: Path, task: str, model: str):
@@ -162,19 +178,19 @@ def job_table(summary: Path, jobs: Path, task: str, model: str):
     s = s[(s.task == task) & (s.model == model)]
     j = j[(j.task == task) & (j.model == model)]
     metrics = list(gridlib.METRICS[task])
-    keys = ["method", "wbits", "abits", "order", "budget"]
-    # the folder's variant too: two jobs differing only in protocol (e.g. group size) are two rows
-    match = keys + (["variant"] if "variant" in s and "variant" in j else [])
+    # the variant (the folder's p= hash) tells apart two rows of one method and setting under two protocols
+    keys = ["method", "wbits", "abits", "order", "budget"] + [k for k in ("variant",) if k in s and k in j]
     rows = []
     for _, jr in j.iterrows():
         sel = s
-        for k in match:
+        for k in keys:
             sel = sel[sel[k].isna()] if not _isnum(jr[k]) else sel[sel[k].astype(str) == str(jr[k])]
         vals = {m: (sel[sel.metric == m].value.iloc[0] if len(sel[sel.metric == m]) else None) for m in metrics}
         rows.append({**{k: jr[k] for k in keys}, "status": jr["status"], "bops": jr["bops"],
                      "label": jr["label"], "error": jr.get("error"), "values": vals,
                      "act_layers": jr.get("act_layers"), "act_float": jr.get("act_float"),
                      "float_layers": jr.get("float_layers"), "float_layer_names": jr.get("float_layer_names"),
+                     "preset": jr.get("preset"),
                      **{k: jr.get(k) for k in ("bits_per_weight", "group_size", "reason", "wall_seconds",
                                                "fp32_primary")}})
     rows.sort(key=_sort_key)
@@ -203,9 +219,21 @@ def caption(task: str, model: str, j) -> str:
                  f"+-{sd:.1f} points")
     elif _isnum(n):
         noise = "; a small set: treat sub-point differences as noise"
-    fl = FIRST_LAST.get(str(first("first_last", "8bit")), str(first("first_last", "")))
-    gran = str(first("granularity", "per_channel")).replace("_", "-")
-    sym = first("symmetric", True)
+    from ..protocols import PRESETS
+
+    quant = j[j.method != "fp32"] if "method" in j else j
+    presets = sorted({preset_cell({"method": "q", "preset": v}) for v in
+                      (quant["preset"].tolist() if "preset" in quant else [])} or {"shared"}, key=_preset_rank)
+    shared = j[[preset_cell({"method": "q", "preset": v}) == "shared" for v in j["preset"]]] if "preset" in j else j
+    sj = shared if len(shared) else j
+
+    def first_s(col, default=""):
+        vals = [v for v in sj[col].tolist() if _isnum(v)] if col in sj else []
+        return vals[0] if vals else default
+
+    fl = FIRST_LAST.get(str(first_s("first_last", "8bit")), str(first_s("first_last", "")))
+    gran = str(first_s("granularity", "per_channel")).replace("_", "-")
+    sym = first_s("symmetric", True)
     sym_t = "symmetric" if str(sym).lower() in ("true", "1") else "asymmetric"
     sources = sorted({str(v) for v in j["act_ranges"].tolist() if _isnum(v) and str(v)}) if "act_ranges" in j else []
     ranges = ("activation ranges from " + " / ".join(sources) if sources
@@ -215,8 +243,16 @@ def caption(task: str, model: str, j) -> str:
         gran += f" (rows marked gN: per group of N inputs, N = {', '.join(map(str, groups))})"
     primary = gridlib.PRIMARY_METRIC.get(task, "")
     better = "higher" if gridlib.higher_is_better(primary) else "lower"
-    bn = "" if task in ("text_similarity", "language_modeling") else "; BatchNorm folded"
-    return (f"{model_d} on {data_d} ({n_txt}{noise}). Protocol: data-free; weights {gran} {sym_t}, {fl}; "
+    others = [p for p in presets if p != "shared"]
+    if others:  # several protocols in one table: each row names its preset (the Preset column)
+        proto = ("Protocols (column Preset): " + "; ".join(
+            f"{p} = {PRESETS[p].description if p in PRESETS else 'unknown preset'}" for p in presets)
+            + f"; shared rows: weights {gran} {sym_t}, {fl}")
+    else:
+        proto = f"Protocol: preset shared, data-free; weights {gran} {sym_t}, {fl}"
+    fold = "BatchNorm folded" if not others else "BatchNorm folded unless the preset keeps it"
+    bn = "" if task in ("text_similarity", "language_modeling") else f"; {fold}"
+    return (f"{model_d} on {data_d} ({n_txt}{noise}). {proto}; "
             f"{ranges}; activations quantized at layer inputs (residual adds, pooling and concatenation in "
             f"float, in integer mode too); 'Float in' = layer inputs left float / layers; 'Float layers' = weight "
             f"layers of a type rex does not quantize (LSTM, GRU, ...), left float and not in G-BOPs{bn}. "
@@ -258,7 +294,9 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
 
     best = best_rows(rows, primary)
     wo = any(weight_only(r) for r in rows)  # a weight-only row: the table shows bits per weight
-    header = (["Method", "W/A", "K", "Budget", "G-BOPs"] + (["Bits/weight"] if wo else []) + ["Float in", "Float layers"]
+    # Preset after Float layers (main's order); Bits/weight only when the table holds weight-only rows
+    header = (["Method", "W/A", "K", "Budget", "G-BOPs"] + (["Bits/weight"] if wo else [])
+              + ["Float in", "Float layers", "Preset"]
               + [METRIC_DISPLAY.get(m, m) for m in metrics] + [f"delta {METRIC_DISPLAY.get(primary, primary)}",
                                                                "Wall (s)"])
 
@@ -273,7 +311,8 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
             vals.append(bold(v) if m == primary and i in best else v)
         delta = "-" if fp or r["status"] != "ok" else fmt_delta(primary, r["values"][primary], ref(r))
         return ([method_display(r["method"]), wa, int(r["order"]), fmt_budget(r["order"], r["budget"]), gbops]
-                + bits + [fmt_float_inputs(r), fmt_float_layers(r)] + vals + [delta, fmt_seconds(r.get("wall_seconds"))])
+                + bits + [fmt_float_inputs(r), fmt_float_layers(r), preset_cell(r)] + vals
+                + [delta, fmt_seconds(r.get("wall_seconds"))])
 
     body = [cells(r, i, lambda v: f"**{v}**") for i, r in enumerate(rows)]
     # pivot: variants x W/A settings, primary metric
@@ -281,7 +320,8 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     for i, r in enumerate(rows):
         wa = setting(r)
         var = (method_display(r["method"]) + ("" if int(r["order"]) == 1 else f" K={int(r['order'])}")
-               + (f" b={float(r['budget']):g}" if _isnum(r["budget"]) else ""))
+               + (f" b={float(r['budget']):g}" if _isnum(r["budget"]) else "")
+               + ("" if preset_cell(r) in ("-", "shared") else f" [{preset_cell(r)}]"))
         if wa not in settings:
             settings.append(wa)
         if var not in variants:
@@ -304,7 +344,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     files.append(out_prefix.with_suffix(".md"))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", "wbits", "abits", "order", "budget", "allocation", "bops", "gbops"] + metrics
+    w.writerow(["method", "wbits", "abits", "order", "budget", "allocation", "preset", "bops", "gbops"] + metrics
                + [f"delta_{primary}", "best", "bits_per_weight", "group_size", "wall_seconds"]
                + ["float_inputs", "layers", "float_layers", "status", "label", "error"])
     for i, r in enumerate(rows):
@@ -313,7 +353,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
              if r["status"] == "ok" and str(r["method"]) != "fp32" and _isnum(r["values"][primary]) and _isnum(ref(r))
              else "")
         w.writerow([str(r["method"]).partition("-")[0], int(r["wbits"]), int(r["abits"]), int(r["order"]),
-                    r["budget"] if _isnum(r["budget"]) else "", alloc,
+                    r["budget"] if _isnum(r["budget"]) else "", alloc, "" if preset_cell(r) == "-" else preset_cell(r),
                     int(float(r["bops"])) if _isnum(r["bops"]) else "",
                     fmt_gbops(r["bops"]) if _isnum(r["bops"]) else ""]
                    + [(r["status"] if r["status"] != "ok" else (r["values"][m] if _isnum(r["values"][m]) else ""))
@@ -330,7 +370,7 @@ def write_tables(summary: Path, jobs: Path, task: str, model: str, out_prefix: P
     files.append(out_prefix.with_suffix(".csv"))
     tbody = [cells(r, i, lambda v: "\x00B" + v + "\x00E") for i, r in enumerate(rows)]
     tex = [r"\begin{table}[t]", r"\centering", r"\small",
-           r"\begin{tabular}{llcl r" + "r" * (len(header) - 5) + "}", r"\toprule",
+           r"\begin{tabular}{llcl " + "".join("l" if h == "Preset" else "r" for h in header[4:]) + "}", r"\toprule",
            " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
     tex += [" & ".join(_tex_escape(str(c)).replace("\x00B", r"\textbf{").replace("\x00E", "}") for c in row)
             + r" \\" for row in tbody]

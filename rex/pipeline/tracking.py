@@ -111,6 +111,7 @@ def run_tags(record: dict, job_dir: Path, sha: str) -> dict:
         "method": record.get("method"), "status": record.get("status"), "dataset": record.get("dataset"),
         "grid": record.get("grid"), "job_dir": str(job_dir), "record_sha256": sha,
         "git_commit": (record.get("git") or {}).get("commit"),
+        "preset": record.get("preset") or None,  # the protocol preset (rex.protocols); none for FP32 rows
         "mlflow.runName": f"{record.get('model')}/{record.get('label')}",
     }
     if record.get("status") == "failed":

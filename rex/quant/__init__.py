@@ -22,6 +22,7 @@ from .primitives import (  # noqa: F401
     n_groups,
     qrange,
     quantize_affine,
+    quantize_bias,
     round_nearest,
     symmetric_scale,
     to_groups,

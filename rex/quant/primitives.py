@@ -205,3 +205,13 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, qmin: int, qmax:
     if scale == 0:
         return torch.zeros_like(x)
     return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+
+def quantize_bias(b: torch.Tensor, bits: int) -> torch.Tensor:
+    """A bias on a symmetric per-tensor b-bit grid (DFQ's 16-bit biases): s = max|b| / (2^(b-1) - 1),
+    round to nearest. An all-zero bias is returned as it is."""
+    s = symmetric_scale(b.detach().float(), bits, axis=None)
+    if float(s) == 0.0:
+        return b.detach().clone()
+    _, qmax = qrange(bits, signed=True)
+    return (round_nearest(b.detach().float() / s, -qmax, qmax) * s).to(b.dtype)
