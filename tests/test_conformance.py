@@ -21,6 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "tests" / "conformance" / "reference_data.yaml"
 SPEC_KEYS = ("method", "wbits", "abits", "order", "budget", "allocation")
+# protocol fields an entry may set (its id names them: two protocols of one label are two entries)
+PROTOCOL_KEYS = ("preset", "range_propagation")
 
 
 def _entries() -> list[dict]:
@@ -32,12 +34,13 @@ def _spec(e: dict):
         return None
     from rex.spec import QuantSpec
 
-    return QuantSpec(**{k: e[k] for k in SPEC_KEYS if e.get(k) is not None})
+    return QuantSpec(**{k: e[k] for k in SPEC_KEYS + PROTOCOL_KEYS if e.get(k) is not None})
 
 
 def _id(e: dict) -> str:
     spec = _spec(e)
-    return f"{e['model']}:{'fp32' if spec is None else spec.label()}:{e['metric']}"
+    proto = "".join(f",{k}={e[k]}" for k in PROTOCOL_KEYS if e.get(k) is not None)
+    return f"{e['model']}:{'fp32' if spec is None else spec.label()}{proto}:{e['metric']}"
 
 
 _RUNS: dict = {}
@@ -71,6 +74,8 @@ def test_conformance(e):
     got = float(out[e["metric"]])
     assert abs(got - float(e["value"])) <= float(e["tolerance"]), (
         f"{_id(e)}: {got:.2f} vs reference {e['value']} +- {e['tolerance']} ({e['reason']})")
+    if e.get("all_inputs_quantized") and not e.get("xfail"):
+        assert out["act_float"] == 0, f"{out['act_float']} of {out['act_layers']} layer inputs stayed float"
 
 
 @pytest.mark.slow
@@ -107,7 +112,8 @@ def test_published_number(p):
         pytest.skip(f"{p['method']} {p['model']} W{p['wbits']}A{p['abits']} ({p['top1']} top-1) needs "
                     f"{p['dataset']} (the full 50k ImageNet val, not bundled) and {p['weights']}: "
                     f"its protocol ({p['protocol']}) cannot run on the bundled data")
-    pytest.skip(f"no native protocol preset for {p['method']} yet (issue 12 item 5)")
+    pytest.skip(f"{p['method']} {p['model']}: the weights it was published with ({p['weights']}) are not bundled "
+                f"(its protocol runs here as the preset of rex.protocols)")
 
 
 def regen() -> None:
