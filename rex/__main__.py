@@ -94,8 +94,10 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="named protocol (rex/protocols.py): " + "; ".join(f"{k}: {v.description}" for k, v in
                                                                          PRESETS.items()))
     # the protocol flags below default to the preset's value (None); given, they override it
-    p.add_argument("--granularity", default=None, choices=["per_channel", "per_tensor"],
+    p.add_argument("--granularity", default=None, choices=["per_channel", "per_tensor", "per_group"],
                    help="weight scales (default: the preset's; shared: per_channel)")
+    p.add_argument("--group-size", type=_positive_int("group-size"), default=None,
+                   help="with --granularity per_group: inputs per weight scale along a row (e.g. 128)")
     p.add_argument("--asymmetric", dest="symmetric", action="store_const", const=False, default=None,
                    help="asymmetric weight grid (default: the preset's; shared: symmetric)")
     p.add_argument("--symmetric", dest="symmetric", action="store_const", const=True,
@@ -132,8 +134,9 @@ def spec_from_args(a):
             opts[k] = v
     return QuantSpec(
         method=a.method, wbits=a.wbits, abits=a.abits, order=a.order, budget=a.budget, allocation=a.allocation,
-        granularity=a.granularity, symmetric=a.symmetric, mode=a.mode, first_last=a.first_last,
-        act_sigma=a.act_sigma, seed=a.seed, options=opts, preset=a.preset, range_propagation=a.range_propagation,
+        granularity=a.granularity, group_size=a.group_size, symmetric=a.symmetric, mode=a.mode,
+        first_last=a.first_last, act_sigma=a.act_sigma, seed=a.seed, options=opts, preset=a.preset,
+        range_propagation=a.range_propagation,
     )
 
 

@@ -13,6 +13,16 @@ class ConfigError(RexError, ValueError):
     """A configuration value is out of range, malformed or contradicts another one."""
 
 
+class NotApplicableError(ConfigError):
+    """The method does not apply to this model (DFQ's bias correction or ZeroQ's distillation on a model without
+    BatchNorm): a result of its own, shown as "n/a (<reason>)" in the tables, not a failure. ``reason`` is the
+    short text the tables show (e.g. "no BatchNorm")."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class UnknownNameError(RexError, KeyError):
     """A registry lookup failed; the message lists the known names."""
 

@@ -88,38 +88,61 @@ def _load(model_name: str, weights):
     return bundle.model, bundle.entry
 
 
-def _quantize_or_keep(out: dict, model, entry, weights, spec: Optional[QuantSpec], ex, in_range) -> torch.nn.Module:
+def _quantize_or_keep(out: dict, model, entry, weights, spec: Optional[QuantSpec], ex, in_range,
+                      quantizer: Optional[Callable] = None) -> torch.nn.Module:
     """Record where the weights came from and the FP32 BOPs in ``out``; the quantized model (``_quantize_into``),
-    or ``model`` itself when ``spec`` is None (then its BOPs are the FP32 ones)."""
+    or ``model`` itself when ``spec`` is None (then its BOPs are the FP32 ones, and 32 bits per weight)."""
     out.update(_weights_info(entry, weights))
     out["fp32_bops"] = rex.bops(model, ex)
     if spec is None:
         out["bops"] = out["plain_bops"] = out["fp32_bops"]
+        out["bits_per_weight"] = 32.0
         return model
-    return _quantize_into(out, model, spec, ex, in_range)
+    return _quantize_into(out, model, spec, ex, in_range, quantizer)
 
 
-def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range) -> torch.nn.Module:
-    """Quantize, and record BOPs, size, plain-order BOPs and the per-layer checks in ``out``."""
+def memory_info(qmodel) -> dict:
+    """Bits per weight of the quantized layers, scales, zero points and sparse masks included: the cost of a
+    weight-only row (``rex_info.extra['memory']`` from the engine, ``extra['hqq']`` from HQQ); {} if neither."""
+    extra = getattr(getattr(qmodel, "rex_info", None), "extra", None) or {}
+    mem, h = extra.get("memory"), extra.get("hqq")
+    if mem:
+        return dict(bits_per_weight=mem.get("bits_per_weight"), bits_per_weight_all=mem.get("bits_per_weight_all"))
+    if h:
+        return dict(bits_per_weight=h.get("bits_per_weight"))
+    return {}
+
+
+def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range, quantizer: Optional[Callable] = None
+                   ) -> torch.nn.Module:
+    """Quantize (``quantizer(spec)``, default ``rex.quantize`` of ``model``), and record BOPs, bits per weight,
+    size, plain-order BOPs, the float layer inputs and the per-layer checks in ``out``. A method that creates no
+    QuantLayer (HQQ returns a float model holding its dequantized weights) has an empty per-layer report: its
+    max_err / bound_ok / int32_safe are None (nothing to check), and its layer count comes from its own record."""
+    if quantizer is None:
+        def quantizer(s):
+            return rex.quantize(model, s, example_input=ex, input_range=in_range)
     out["spec"] = spec.label()
     out["preset"] = spec.preset
     t0 = time.perf_counter()
-    qmodel = rex.quantize(model, spec, example_input=ex, input_range=in_range)
+    qmodel = quantizer(spec)
     out["quant_seconds"] = round(time.perf_counter() - t0, 4)
     s = rex.summary(qmodel, ex)
     out["bops"] = s["bops"]
     out["size_mbit"] = round(s["size_bits"] / 1e6, 4)
-    plain = (rex.quantize(model, spec.replace(order=1, budget=None), example_input=ex, input_range=in_range)
-             if spec.order > 1 else None)
+    plain = quantizer(spec.replace(order=1, budget=None)) if spec.order > 1 else None
     out["plain_bops"] = rex.bops(plain, ex) if plain is not None else s["bops"]
     out["bops_ratio_vs_plain"] = round(out["bops"] / out["plain_bops"], 4)
+    out.update(memory_info(qmodel))
     rep = rex.report(qmodel)
-    out["max_err"] = max((r["max_err"] or 0.0) for r in rep)
-    out["bound_ok"] = all(r["bound_ok"] is not False for r in rep)
-    out["int32_safe"] = all(r["int32_safe"] for r in rep)
+    extra = qmodel.rex_info.extra
+    out["layers_quantized"] = len(rep) or len((extra.get("hqq") or {}).get("layers", []))
+    out["max_err"] = max((r["max_err"] or 0.0) for r in rep) if rep else None
+    out["bound_ok"] = all(r["bound_ok"] is not False for r in rep) if rep else None
+    out["int32_safe"] = all(r["int32_safe"] for r in rep) if rep else None
     out["notes"] = qmodel.rex_info.notes
     out.update(rex.activation_coverage(qmodel))
-    floats = qmodel.rex_info.extra.get("float_layers") or {}
+    floats = extra.get("float_layers") or {}
     out["float_layers"] = sum(len(v) for v in floats.values())  # layers left float: counted and named
     out["float_layer_names"] = {k: list(v) for k, v in sorted(floats.items())}
     return qmodel
@@ -319,13 +342,13 @@ TEXT_TASKS = ("text_similarity", "language_modeling")
 
 def text_job(model_name: str, spec: Optional[QuantSpec], limit: Optional[int] = None, progress: bool = True,
              dataset_root=None, weights=None, threads: Optional[int] = None, keep_model: bool = False,
-             tied_head: str = "float") -> dict:
+             tied_head: str = "float", dataset: Optional[str] = None) -> dict:
     """Quantize a registered text model (``minilm_l6``: STS-B Spearman x100; ``smollm2_135m``: WikiText-2
-    perplexity, lower is better) and evaluate it on its default dataset; ``limit`` is the number of sentence
-    pairs or of tokens scored. Weight-only rows are the ones that mean something today (no data-free range
-    reaches a transformer's layer inputs: ``notes`` lists the inputs left float). BOPs are per example input
-    (``rex.models.transformers.example_inputs``: 16 tokens). The FP32 figure is cached per (model, weights,
-    data root, limit)."""
+    perplexity, lower is better) and evaluate it on its default dataset (``dataset``, if given, must be that
+    one); ``limit`` is the number of sentence pairs or of tokens scored (windows of 512). The same record as the
+    other jobs (``_quantize_into``): BOPs per example input (``rex.models.transformers.example_inputs``: 16
+    tokens), bits per weight, the layer inputs left float (``act_float`` of ``act_layers``) and ``notes``
+    naming them. The FP32 figure is cached per (model, weights, data root, limit)."""
     from .data import get_dataset
     from .errors import ConfigError
     from .evaluate.text import evaluate_text
@@ -335,25 +358,14 @@ def text_job(model_name: str, spec: Optional[QuantSpec], limit: Optional[int] = 
     entry = bundle.entry
     if entry.task not in TEXT_TASKS:
         raise ConfigError(f"model {model_name!r} is a {entry.task} model, not a text model ({', '.join(TEXT_TASKS)})")
+    if dataset is not None and dataset != entry.default_dataset:
+        raise ConfigError(f"model {model_name!r} is evaluated on {entry.default_dataset!r} only, got dataset "
+                          f"{dataset!r}; use dataset={entry.default_dataset} (dataset.root= for your own copy)")
     tok = load_tokenizer(bundle)
     ex = example_inputs(tok, entry.task)
     out: dict = dict(model=model_name, task=entry.task)
-    out.update(_weights_info(entry, weights))
-    out["fp32_bops"] = rex.bops(bundle.model, ex)
-    qmodel = bundle.model
-    if spec is None:
-        out["bops"] = out["plain_bops"] = out["fp32_bops"]
-    else:
-        out["spec"] = spec.label()
-        t0 = time.perf_counter()
-        qmodel = quantize_text_model(bundle, spec, tied_head=tied_head)
-        out["quant_seconds"] = round(time.perf_counter() - t0, 4)
-        out["bops"] = rex.bops(qmodel, ex)
-        rep = rex.report(qmodel)
-        out["layers_quantized"] = len(rep) or len((qmodel.rex_info.extra.get("hqq") or {}).get("layers", []))
-        out["max_err"] = max((r["max_err"] or 0.0) for r in rep) if rep else None
-        out["bound_ok"] = all(r["bound_ok"] is not False for r in rep)
-        out["notes"] = qmodel.rex_info.notes
+    qmodel = _quantize_or_keep(out, bundle.model, entry, weights, spec, ex, None,
+                               quantizer=lambda s: quantize_text_model(bundle, s, tied_head=tied_head))
     ds = get_dataset(entry.default_dataset, root=dataset_root, limit=limit)
     out["dataset"], out["dataset_path"] = entry.default_dataset, str(getattr(ds, "path", None) or dataset_root)
     fp = _fp32_metrics(f"{model_name}-{entry.task}", [model_name, out.get("weights_sha256"), str(dataset_root), limit],

@@ -44,10 +44,10 @@ def _weights_key(model: nn.Module) -> str:
 def _batchnorms(model: nn.Module) -> list:
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
     if not bns:
-        from .errors import ConfigError
+        from .errors import NotApplicableError
 
-        raise ConfigError("ZeroQ needs a model with BatchNorm layers (their running statistics are the distillation "
-                          "target); this model has none: n/a (no BatchNorm)")
+        raise NotApplicableError("ZeroQ needs a model with BatchNorm layers (their running statistics are the "
+                                 "distillation target); this model has none: n/a (no BatchNorm)", reason="no BatchNorm")
     return bns
 
 

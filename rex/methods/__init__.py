@@ -18,7 +18,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError, NotApplicableError, UnknownNameError
 
 MethodFn = Callable[..., "object"]
 _loaded = False
@@ -140,3 +140,14 @@ def require_order_one(spec, name: str, combo: Optional[str]) -> None:
     if spec.order != 1 or spec.budget is not None:
         hint = f"; use method={combo} for REx on top of it" if combo else ""
         raise ConfigError(f"{name} is an order-1 baseline (got order={spec.order}, budget={spec.budget}){hint}")
+
+
+def require_batchnorm(model, name: str, why: str) -> None:
+    """A method built on BatchNorm statistics (DFQ's bias correction and high-bias absorption, ZeroQ's
+    distillation target) does not apply to a model without any: NotApplicableError, which the pipeline records
+    as the row's result "n/a (no BatchNorm)" instead of a failure or a silently weaker method."""
+    from torch import nn
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise NotApplicableError(f"{name} needs BatchNorm layers ({why}); this model has none: n/a (no BatchNorm); "
+                                 "use rtn, squant, ocs, hqq or rex on it", reason="no BatchNorm")

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..engine import quantize_model
-from . import MethodConfig, coerce, register_method, require_order_one
+from . import MethodConfig, coerce, register_method, require_batchnorm, require_order_one
+
+NEEDS_BN = "its bias correction and high-bias absorption read the BatchNorm statistics"
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,12 @@ def dfq_quantize(model, spec, example_input=None, input_range=None) -> nn.Module
                  config=DFQConfig, display="DFQ")
 def dfq(model, spec, example_input=None, input_range=None):
     require_order_one(spec, "dfq", "rex_dfq")
+    require_batchnorm(model, "dfq", NEEDS_BN)
     return dfq_quantize(model, spec, example_input, input_range)
 
 
 @register_method("rex_dfq", "REx (order K, budget) on the DFQ-prepared model, bias correction of the expanded weights",
                  config=DFQConfig, display="REx+DFQ")
 def rex_dfq(model, spec, example_input=None, input_range=None):
+    require_batchnorm(model, "rex_dfq", NEEDS_BN)
     return dfq_quantize(model, spec, example_input, input_range)

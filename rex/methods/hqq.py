@@ -14,7 +14,8 @@ quantization, as `mode="fake"` for the other methods). Activations stay float: t
 weight-only (abits=None); orders and budgets are REx's and are refused here.
 
 Options (`spec.config`, an HQQConfig): `group_size` (None = one group per output row, i.e. per channel; else a multiple
-of 8 dividing every quantized layer's input size, e.g. 64 or 128).
+of 8 dividing every quantized layer's input size, e.g. 64 or 128). The spec's own `granularity="per_group",
+group_size=G` (the protocol's, shared with the other methods' rows of a grid) sets the same thing.
 
 First/last-layer policy (spec.first_last, like the engine's, on the same execution order from tracing
 `example_input`): '8bit' gives the first and last layers 8 bits, 'same' quantizes them like the rest,
@@ -92,6 +93,21 @@ def bits_per_weight(nbits: int, group_size: Optional[int], in_features: int) -> 
     return nbits + 2 * META_BITS / g
 
 
+def hqq_group_size(spec) -> Optional[int]:
+    """The group size HQQ uses: the protocol's (granularity='per_group', group_size=G: the same groups as the
+    other methods' rows of a grid) or options.group_size; None = per channel. Both set and different: refused."""
+    if spec.granularity == "per_tensor":
+        raise ConfigError("hqq works per channel or per group: use granularity per_channel, or per_group with "
+                          "group_size")
+    opt = spec.config.group_size
+    proto = spec.group_size if spec.granularity == "per_group" else None
+    if opt is not None and proto is not None and opt != proto:
+        raise ConfigError(f"hqq: options.group_size={opt} contradicts the protocol's group_size={proto}; set one")
+    if proto is not None:
+        HQQConfig(group_size=proto)  # the same check as the option's (a multiple of 8)
+    return proto if proto is not None else opt
+
+
 def _execution_order(model: nn.Module, example_input, notes: list) -> list:
     from ..trace import is_weight_layer, trace
 
@@ -116,10 +132,7 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
                           "stay float")
     if spec.order != 1 or spec.budget is not None:
         raise ConfigError(f"hqq is an order-1 baseline (got order={spec.order}, budget={spec.budget})")
-    group_size = spec.config.group_size
-    if spec.granularity == "per_tensor":
-        raise ConfigError("hqq works per channel or per group: use granularity per_channel (with "
-                          "options.group_size for groups)")
+    group_size = hqq_group_size(spec)
     # spec.symmetric is not used: HQQ's grid is always asymmetric (a scale and a zero point per group)
     t0 = time.perf_counter()
     check_model_weights(model)
@@ -150,6 +163,8 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
                            bits_per_weight=bits_per_weight(bits, gs, w2.shape[1]), weights=w.numel(),
                            mean_abs_err=float((dq.float() - w.float()).abs().mean())))
     n = sum(r["weights"] for r in layers)
+    # weight-only: every quantized layer keeps a float input (the count every result row shows)
+    info.extra["float_inputs"] = dict(count=len(layers), of=len(layers), names=[r["name"] for r in layers])
     info.extra["hqq"] = dict(version=HQQ_VERSION, group_size=group_size, layers=layers,
                              bits_per_weight=(sum(r["bits_per_weight"] * r["weights"] for r in layers) / n) if n else None)
     info.extra["quantized_in_place"] = [r["name"] for r in layers]  # not "left float" (rex.api.planned_float)

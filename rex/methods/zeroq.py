@@ -19,7 +19,7 @@ import torch
 from ..engine import default_example_input, quantize_model
 from ..errors import ConfigError
 from ..zeroq import ZEROQ_BATCH, ZEROQ_ITERS, ZEROQ_LR
-from . import MethodConfig, coerce, register_method, require_order_one
+from . import MethodConfig, coerce, register_method, require_batchnorm, require_order_one
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ def _zeroq(model, spec, example_input, input_range, faithful: bool):
 
     name = "zeroq" if faithful else "zeroq_lite"
     require_order_one(spec, name, None)
+    require_batchnorm(model, name, "the BatchNorm running statistics are its distillation target")
     if spec.act_range == "noise":  # checked before minutes of distillation
         raise ConfigError(f"{name} sets its own activation ranges (distilled data): act_range='noise' does not "
                           "apply; use act_range='bn' (or preset shared / zeroq) with it")

@@ -326,7 +326,30 @@ def quantize_text_model(bundle: Any, spec: Any, tied_head: str = "float", embedd
             info = getattr(q, "rex_info", None)
             if info is not None:
                 info.notes.append(f"{head_name}: tied to {emb_name}, kept float (tied_head='float')")
+        _recount_memory(q, set(tied_linears(bundle.model)))
     return q
+
+
+def _recount_memory(q: nn.Module, floated: set) -> None:
+    """Bits per weight of the model as returned: the head put back in float is no longer a quantized layer
+    (the engine's ``extra['memory']``, HQQ's ``extra['hqq']`` counted it)."""
+    info = getattr(q, "rex_info", None)
+    if info is None or not floated:
+        return
+    if "memory" in info.extra:
+        from ..cost import weight_memory
+
+        info.extra["memory"] = weight_memory(q)
+    h = info.extra.get("hqq")
+    if h:
+        h["layers"] = [r for r in h["layers"] if r["name"] not in floated]
+        n = sum(r["weights"] for r in h["layers"])
+        h["bits_per_weight"] = sum(r["bits_per_weight"] * r["weights"] for r in h["layers"]) / n if n else None
+    fi = info.extra.get("float_inputs")
+    if fi:  # the head is no longer a quantized layer: not counted among the quantized layers' inputs either
+        was = {p.name for p in info.plans if p.quantize} or set(fi["names"])
+        names = [x for x in fi["names"] if x not in floated]
+        fi.update(count=len(names), of=fi["of"] - len(floated & was), names=names)
 
 
 def weight_linears(model: nn.Module) -> Dict[str, nn.Linear]:

@@ -10,8 +10,10 @@ variant, commit, float_layers, preset``
   before presets existed.
 
 - FP32 rows: method ``fp32``, wbits = abits = 32, order 1, empty budget.
-- Metrics: classification ``top1, top5, agreement, kl``; detection ``AP, AP50, AP75``; segmentation ``mIoU``.
-- A failed job gives one row per metric of its task with an empty value and status ``failed``.
+- Metrics: classification ``top1, top5, agreement, kl``; detection ``AP, AP50, AP75``; segmentation ``mIoU``;
+  text_similarity ``spearman`` (x100); language_modeling ``perplexity`` (lower is better).
+- A failed job gives one row per metric of its task with an empty value and status ``failed``; a method that does
+  not apply to the model (DFQ / ZeroQ without BatchNorm) the same with status ``n/a``.
 - The allocation is not a column: a non-uniform allocation is part of the method name (``rex-greedy``), so every
   (task, model, method, wbits, abits, order, budget, metric) names one number.
 
@@ -40,7 +42,10 @@ JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "
                "primary_metric", "primary_value", "fp32_primary", "first_last", "granularity", "symmetric", "mode",
                "act_sigma", "act_layers", "act_float", "act_ranges", "act_points", "config_hash", "wall_seconds",
                "cpu_seconds", "peak_rss_mb", "error", "dir", "variant", "commit", "float_layers", "previous_failure",
-               "float_layer_names", "preset"]
+               "float_layer_names", "preset", "bits_per_weight", "group_size", "reason", "window", "tokens"]
+# A job's status: ok, failed, or n/a (the method does not apply to the model, e.g. DFQ without BatchNorm: a final
+# result with its ``reason``, shown as "n/a (<reason>)" in the tables).
+STATUSES = ("ok", "failed", "n/a")
 
 
 class RecordError(ValueError):
@@ -105,7 +110,7 @@ def job_row(rec: dict) -> dict:
         "dataset": rec.get("dataset"), "dataset_display": rec.get("dataset_display") or rec.get("dataset"),
         "label": rec.get("label"), "method": method_name(method, alloc), "base_method": method, "allocation": alloc,
         "wbits": get("wbits"), "abits": abits, "order": get("order") or 1, "budget": _num(get("budget")),
-        "status": "ok" if rec.get("status") == "ok" else "failed",
+        "status": rec.get("status") if rec.get("status") in ("ok", "n/a") else "failed",
         "bops": _num(rec.get("bops")), "plain_bops": _num(rec.get("plain_bops")),
         "fp32_bops": _num(rec.get("fp32_bops")), "n": _num(rec.get("n")),
         "primary_metric": primary, "primary_value": _num((rec.get("metrics") or {}).get(primary)),
@@ -129,6 +134,11 @@ def job_row(rec: dict) -> dict:
         "float_layer_names": float_layer_names(det.get("float_layer_names")),
         "previous_failure": rec.get("previous_failure") or "",
         "preset": preset_of(rec, method, proto),
+        # the cost of a weight-only row: bits per weight with scales, zero points and masks (32 for FP32)
+        "bits_per_weight": _num(rec.get("bits_per_weight")),
+        "group_size": _num(proto.get("group_size")) if proto.get("granularity") == "per_group" else "",
+        "reason": rec.get("reason") or "",
+        "window": _num(det.get("window")), "tokens": _num(det.get("tokens")),
     }
 
 
@@ -181,7 +191,7 @@ def aggregate(job_dirs: Iterable[Path], summary: Path, jobs: Path) -> tuple[int,
     srows = [row for r in recs for row in summary_rows(r)]
     _write_csv(Path(summary), SUMMARY_COLUMNS, srows)
     _write_csv(Path(jobs), JOB_COLUMNS, (job_row(r) for r in recs))
-    return len(recs), sum(1 for r in recs if r.get("status") != "ok")
+    return len(recs), sum(1 for r in recs if r.get("status") not in ("ok", "n/a"))
 
 
 def main(argv=None) -> int:

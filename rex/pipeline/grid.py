@@ -15,6 +15,7 @@ A grid::
     methods:                          # default method blocks, expanded as a product
       - {method: rtn, bits: [[8, 8], [4, 8]]}
       - {method: rex, bits: [[4, 8]], orders: [2, 3], budgets: [null, 1.5], allocation: uniform}
+      - {method: rtn, bits: [[4, 32]], protocol: {granularity: per_group, group_size: 128}}  # this block only
       - {method: squant, bits: [[4, 8]], protocol: {preset: squant}}   # this block's protocol.* on top
 
 Protocol presets (``rex.protocols``): a job's protocol is the grid's ``protocol`` with its method block's
@@ -39,13 +40,22 @@ from .. import protocols
 from ..errors import ConfigError
 from ..labels import FLOAT_BITS, FP32_METHOD, LABEL_RE, fp32_label, label, parse_label  # noqa: F401 (re-exported)
 
-TASKS = ("classification", "detection", "segmentation")
-PRIMARY_METRIC = {"classification": "top1", "detection": "AP", "segmentation": "mIoU"}
+TASKS = ("classification", "detection", "segmentation", "text_similarity", "language_modeling")
+PRIMARY_METRIC = {"classification": "top1", "detection": "AP", "segmentation": "mIoU",
+                  "text_similarity": "spearman", "language_modeling": "perplexity"}
 METRICS = {
     "classification": ("top1", "top5", "agreement", "kl"),
     "detection": ("AP", "AP50", "AP75"),
     "segmentation": ("mIoU",),
+    "text_similarity": ("spearman",),     # Spearman x100 of the embeddings' cosine similarity (STS-B)
+    "language_modeling": ("perplexity",),  # exp(mean next-token NLL) over non-overlapping windows
 }
+# Metrics where lower is better: the tables mark the lowest as the best and read a positive delta vs FP32 as a loss.
+LOWER_IS_BETTER = frozenset({"perplexity", "kl"})
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
 NAME_RE = r"[A-Za-z0-9_.-]+"
 # A job folder: the label, plus ",p=<8 hex>" when the job's protocol, method options or dataset differ from the
 # defaults (conf/config.yaml's protocol, no options, the model's own dataset): `--config protocol.mode=int`
@@ -126,6 +136,9 @@ def expand_methods(blocks: Iterable[dict]) -> list:
         if not isinstance(protocol, dict):
             raise GridError(f"method block for {method!r}: protocol must be a mapping of protocol.* keys (e.g. "
                             f"{{preset: squant}}), got {protocol!r}")
+        if protocol.get("granularity") == "per_group" and not protocol.get("group_size"):
+            raise GridError(f"method block for {method!r}: granularity per_group needs group_size (e.g. 128) in "
+                            "the same protocol block")
         if block:
             raise GridError(f"method block for {method!r} has unknown keys {sorted(block)}")
         for w, a in bits:
@@ -286,7 +299,7 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
         settings = []
         if mblock.get("fp32", True):
             settings.append(dict(method=FP32_METHOD, wbits=FLOAT_BITS, abits=FLOAT_BITS, order=1, budget=None,
-                                 allocation="uniform", options={}))
+                                 allocation="uniform", options={}, protocol={}))
         settings += expand_methods(mblock.get("methods", default_blocks))
         for m in sorted({s["method"] for s in settings} - {FP32_METHOD}):
             group_conf(conf_dir, "method", m)  # an unknown method fails here, at DAG time, not in every job
@@ -313,6 +326,7 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
                 continue
             job = dict(task=task, model=model, dataset=dataset, label=lab, variant=tag, preset=preset,
                        method=s["method"],
+                       group_size=jproto.get("group_size") if jproto.get("granularity") == "per_group" else None,
                        wbits=s["wbits"], abits=s["abits"], order=s["order"], budget=s["budget"],
                        allocation=s["allocation"], limit=limit, checkpoint=ckpt, overrides=overrides,
                        dir=relpath(rdir / "runs" / task / model / lab, project_root))

@@ -21,6 +21,10 @@ killed job never leaves a complete-looking folder. Failures are of two kinds (``
   ``unexpected`` (any other exception): no ``done``, exit ``EXIT_RETRY`` (75), so Snakemake reports the job as
   failed and the next run retries it.
 
+Not a failure: a method that does not apply to the model (DFQ or ZeroQ on a model without BatchNorm,
+``rex.errors.NotApplicableError``) writes ``metrics.json`` with status ``n/a`` and its ``reason``, and ``done``,
+exit 0: a final result that the table shows as "n/a (no BatchNorm)".
+
 A failure never replaces a previous good ``metrics.json``: that folder is kept, ``FAILED.json`` is written beside
 it (``previous_result_kept: true``), its ``done`` removed, and the job is retried by the next run. Afterwards the folder is logged to MLflow (best
 effort: an MLflow problem is reported on stderr and never fails the job) unless ``--no-mlflow``: the Snakemake
@@ -43,6 +47,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import NotApplicableError as NotApplicable
 from . import grid as gridlib
 
 RECORD_OK = "metrics.json"
@@ -51,6 +56,9 @@ DONE = "done"
 CONFIG = "config.yaml"
 # Exit status of a failure the next run retries (EX_TEMPFAIL); a configuration failure exits 0.
 EXIT_RETRY = 75
+# The status of a method that does not apply to the model (DFQ / ZeroQ without BatchNorm): final like "ok",
+# written to metrics.json with its ``reason``; the tables show "n/a (<reason>)" in its metric cells.
+NOT_APPLICABLE = "n/a"
 CONFIG_FAILURE = "config"
 # Not part of the configuration identity (how a job runs, not what it computes).
 UNHASHED = ("run",)
@@ -129,6 +137,10 @@ def validate_config(cfg_dict: dict, config_dir: Optional[Path] = None) -> None:
 
 def config_hash(cfg_dict: dict) -> str:
     ident = {k: v for k, v in cfg_dict.items() if k not in UNHASHED}
+    proto = ident.get("protocol")
+    if isinstance(proto, dict) and proto.get("group_size") is None and "group_size" in proto:
+        # absent unless per_group, so the hashes of the configs from before the key existed are unchanged
+        ident["protocol"] = {k: v for k, v in proto.items() if k != "group_size"}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -278,6 +290,8 @@ def evaluate_job(cfg_dict: dict, spec) -> dict:
         return runner.detection_job(model["name"], spec, **common)
     if task == "segmentation":
         return runner.segmentation_job(model["name"], spec, **common)
+    if task in runner.TEXT_TASKS:  # limit: sentence pairs (STS-B) or tokens scored (WikiText-2, windows of 512)
+        return runner.text_job(model["name"], spec, dataset=data["name"], **common)
     from ..errors import ConfigError
 
     raise ConfigError(f"unknown task {task!r}")
@@ -381,12 +395,17 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
         record["fp32"] = {k: res.get(f"fp32_{k}") for k in gridlib.METRICS[task] if f"fp32_{k}" in res}
         skip = {"qmodel", "model", "task", "spec", *metrics, *(f"fp32_{k}" for k in metrics)}
         record["details"] = {k: v for k, v in res.items() if k not in skip}
-        for k in ("bops", "fp32_bops", "plain_bops", "n"):
+        for k in ("bops", "fp32_bops", "plain_bops", "bits_per_weight", "n"):
             record[k] = res.get(k)
         record["hashes"] = {"config": chash, "spec": record["spec_hash"],
                             "weights_sha256": res.get("weights_sha256"),
                             "dataset": dataset_hash(res.get("dataset_path"))}
         record["threads"] = n_threads
+        name = RECORD_OK
+    except NotApplicable as exc:  # the method does not apply to this model: the row's result, shown as n/a
+        record = {**record, **identity(cfg_dict, out), "status": NOT_APPLICABLE, "reason": exc.reason,
+                  "message": str(exc)[:2000]}
+        record["metrics"] = {k: None for k in gridlib.METRICS.get(record["task"], ())}
         name = RECORD_OK
     except Exception as exc:  # noqa: BLE001 -- every failure becomes a record the table shows
         tb = traceback.format_exc().rstrip().splitlines()
@@ -403,7 +422,7 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
     record["host"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start))
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    failed = record["status"] != "ok"
+    failed = record["status"] not in ("ok", NOT_APPLICABLE)
     keep = failed and _good_result(out)
     if failed:
         record["previous_result_kept"] = keep
@@ -441,6 +460,8 @@ def main(argv=None) -> int:
         if record["retry"]:
             msg += ("; not final: no `done`, the next run retries this job"
                     + ("; the previous good metrics.json is kept" if record["previous_result_kept"] else ""))
+    elif status == NOT_APPLICABLE:
+        msg += f" ({record['reason']}: {record['message'][:300]})"
     else:
         msg += " " + ", ".join(f"{k}={v}" for k, v in record.get("metrics", {}).items())
     print(msg, flush=True)

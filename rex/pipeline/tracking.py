@@ -90,7 +90,7 @@ def run_metrics(record: dict) -> dict:
     """The numbers of a job as MLflow metrics (finite numbers only)."""
     vals = dict(record.get("metrics") or {})
     vals.update({f"fp32_{k}": v for k, v in (record.get("fp32") or {}).items()})
-    for k in ("bops", "fp32_bops", "plain_bops", "n", "wall_seconds", "cpu_seconds", "peak_rss_mb"):
+    for k in ("bops", "fp32_bops", "plain_bops", "bits_per_weight", "n", "wall_seconds", "cpu_seconds", "peak_rss_mb"):
         vals[k] = record.get(k)
     det = record.get("details") or {}
     for k in ("quant_seconds", "eval_seconds", "size_mbit", "bops_ratio_vs_plain", "max_err"):
@@ -117,6 +117,8 @@ def run_tags(record: dict, job_dir: Path, sha: str) -> dict:
     if record.get("status") == "failed":
         err = record.get("error") or {}
         tags["error"] = f"{err.get('type')}: {err.get('message', '')}"[:4000]
+    if record.get("status") == "n/a":  # the method does not apply to the model (e.g. DFQ without BatchNorm)
+        tags["reason"] = record.get("reason")
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
@@ -219,7 +221,7 @@ class Tracker:
         files = [p for p in sorted(Path(job_dir).iterdir()) if p.is_file()]
         for p in files:
             self.client.log_artifact(run_id, str(p))
-        self.client.set_terminated(run_id, "FINISHED" if record.get("status") == "ok" else "FAILED")
+        self.client.set_terminated(run_id, "FINISHED" if record.get("status") in ("ok", "n/a") else "FAILED")
         return ("created" if created else "updated"), run_id
 
     def log_job(self, job_dir: Path, extra_tags: Optional[dict] = None) -> tuple:

@@ -33,12 +33,14 @@ class OCSSplit(nn.Module):
         super().__init__()
         self.layer = layer
         self.dim = dim
+        # decided here, not in forward: quantization replaces .layer by a QuantLayer, and a Linear's inputs
+        # (a transformer's [batch, tokens, features]) are split along their last dimension whatever it wraps
+        self.linear = isinstance(layer, nn.Linear)
         self.register_buffer("index", index.to(torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dim = self.dim if x.dim() > 1 else 0
-        if isinstance(self.layer, nn.Linear):
-            dim = x.dim() - 1
+        linear = self.__dict__.get("linear", isinstance(self.layer, nn.Linear))
+        dim = x.dim() - 1 if linear else (self.dim if x.dim() > 1 else 0)
         return self.layer(torch.index_select(x, dim, self.index))
 
     def extra_repr(self) -> str:
