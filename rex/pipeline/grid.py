@@ -236,7 +236,7 @@ def job_protocol(grid_protocol: dict, block_protocol: Optional[dict] = None, def
 
 
 def variant(protocol: dict, defaults: dict, options: Optional[dict] = None, dataset: Optional[str] = None,
-            default_dataset: Optional[str] = None) -> str:
+            default_dataset: Optional[str] = None, inputs: Optional[dict] = None) -> str:
     """'' for a job of the default protocol, no method options and the model's own dataset; else the first 8
     hex digits of the sha256 of what differs (the ``p=`` part of the folder name). Protocols are compared
     resolved (``resolved_protocol``): a preset is in the identity with every value it sets, and a key set to
@@ -246,6 +246,8 @@ def variant(protocol: dict, defaults: dict, options: Optional[dict] = None, data
     diff.update({f"method.options.{k}": v for k, v in sorted((options or {}).items())})
     if dataset and default_dataset and dataset != default_dataset:
         diff["dataset"] = dataset
+    # a user's own checkpoint or data folder (model block ``weights:`` / ``data_root:``) changes every number
+    diff.update({k: v for k, v in sorted((inputs or {}).items()) if v is not None})
     if not diff:
         return ""
     import hashlib
@@ -285,9 +287,13 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
         dconf = group_conf(conf_dir, "dataset", dataset)
         root_key = dconf.get("root_config_key")
         root = config.get(root_key) if root_key else None
+        # a paper-scale grid may point one model at the user's own checkpoint and data folder
+        user_weights, user_root = mblock.get("weights"), mblock.get("data_root")
+        root = user_root if user_root is not None else root
+        inputs = {"model.weights": user_weights, "dataset.root": user_root}
         limit = mblock.get("limit")
-        trained_here = bool(mconf.get("trained_here", False))
-        ckpt = checkpoint_path(config, project_root, model) if trained_here else None
+        trained_here = bool(mconf.get("trained_here", False)) and user_weights is None
+        ckpt = user_weights or (checkpoint_path(config, project_root, model) if trained_here else None)
         common = [f"model={model}", f"dataset={dataset}", f"evaluation={task}",
                   f"evaluation.limit={hydra_value(limit)}"]
         if mblock.get("batch_size"):
@@ -307,7 +313,7 @@ def expand(config: dict, project_root: Path, conf_dir: Optional[Path] = None) ->
             # the float model's numbers depend on its dataset only, not on the quantization protocol
             fp = s["method"] == FP32_METHOD
             jproto = job_protocol(protocol, s.get("protocol"), proto_defaults)
-            tag = variant({} if fp else jproto, proto_defaults, s["options"], dataset, mconf.get("dataset"))
+            tag = variant({} if fp else jproto, proto_defaults, s["options"], dataset, mconf.get("dataset"), inputs)
             preset = "" if fp else resolved_protocol(jproto, proto_defaults)["preset"]
             lab = job_label(label(s["method"], s["wbits"], s["abits"], s["order"], s["budget"], s["allocation"]), tag)
             if not re.fullmatch(JOB_LABEL_RE, lab):
@@ -342,7 +348,7 @@ def train_specs(config: dict, project_root: Path, conf_dir: Optional[Path] = Non
     for mblock in config.get("models") or []:
         model = mblock["model"]
         mconf = group_conf(conf_dir, "model", model)
-        if mconf.get("trained_here"):
+        if mconf.get("trained_here") and mblock.get("weights") is None:  # a user's checkpoint is not trained here
             args = [str(a) for a in (mblock.get("train_args") or mconf.get("train_args") or [])]
             if model in out and out[model]["args"] != args:
                 raise GridError(f"{model} is listed twice with different train_args")
