@@ -29,6 +29,7 @@ from ..io import atomic_write_text
 
 BEGIN = "<!-- BEGIN GENERATED RESULTS: python -m rex.pipeline.readme rewrites this section from results/ -->"
 END = "<!-- END GENERATED RESULTS -->"
+PLACEHOLDER = "(not generated yet on this checkout: run `make run`, then `make readme`)"
 # task order of the sections (a task not listed comes after, alphabetically)
 TASK_ORDER = ("classification", "detection", "segmentation", "text_similarity", "language_modeling")
 
