@@ -125,11 +125,11 @@ def module_macs(module: nn.Module, in_shape: tuple, out_shape: tuple) -> int:
 def _is_costed(module: nn.Module) -> bool:
     from .nn.layers import QuantLayer
 
-    from .nn.layers import is_embedding, is_hf_conv1d
+    from .nn.layers import is_conv, is_embedding, is_hf_conv1d
 
     if isinstance(module, QuantLayer):
         return True
-    return (isinstance(module, (*CONVS, nn.ConvTranspose2d, nn.Linear)) or is_hf_conv1d(module)
+    return (is_conv(module) or isinstance(module, nn.Linear) or is_hf_conv1d(module)
             or is_embedding(module)) and not _inside_quant(module)
 
 

@@ -33,7 +33,7 @@ from .expansion import (
     select_masks,
     sparse_from_dense,
 )
-from .nn.layers import CONVS, ActQuantizer, QuantLayer, canonical_weight, is_embedding, is_quantizable, make_quant_layer
+from .nn.layers import ActQuantizer, QuantLayer, canonical_weight, is_conv, is_embedding, is_quantizable, make_quant_layer
 from .quant import WeightQuantizer, check_finite, quantize_bias, round_nearest
 from .quant.threads import quant_threads
 from .trace import TraceResult, ranges
@@ -145,7 +145,7 @@ def module_order_trace(model: nn.Module) -> TraceResult:
 
 
 def _needs_forward(model: nn.Module) -> bool:
-    return any(isinstance(x, (*CONVS, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm)) for x in model.modules())
+    return any(is_conv(x) or isinstance(x, nn.modules.batchnorm._BatchNorm) for x in model.modules())
 
 
 def end_policy(spec: QuantSpec, role: str) -> tuple[Optional[str], Optional[str]]:

@@ -18,7 +18,7 @@ from .quant import check_bits
 ALLOCATIONS = ("uniform", "greedy")
 GRANULARITIES = ("per_channel", "per_tensor", "per_group")
 MODES = ("fake", "int")
-FIRST_LAST = ("8bit", "same", "fp")
+FIRST_LAST = protocols.LAYER_POLICIES
 CRITERIA = ("residual", "weight")
 RANGE_PROPAGATIONS = ("none", "moments", "interval")  # rex.trace.LAYER_RANGE_RULES
 FLOAT_BITS = 32

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .graph import Graph, is_weight_layer, record  # noqa: F401  (is_weight_layer: re-exported)
+from .graph import WEIGHT_OPS, Graph, is_weight_layer, record  # noqa: F401  (is_weight_layer: re-exported)
 from .ranges import (Moments, bn_interval, clip_moments, gelu_interval, layer_interval, layer_moments,  # noqa: F401
                      layer_norm_rule, prelu_moments, softmax_average_interval, sum_moments)
 
@@ -38,6 +38,9 @@ _PASSTHROUGH = {
     "adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d",
     "adaptive_max_pool3d",
 }
+# the recorded names of x + y, x - y and of x * y, x / y (the range and the moment rules read the same calls)
+_ADD_SUB = ("add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "__isub__")
+_MUL_DIV = ("mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__")
 _UNIT = {"sigmoid", "hardsigmoid", "softmax", "sigmoid_"}
 
 
@@ -140,7 +143,8 @@ def _const(lo, hi):
 
 # ops that pass values through unchanged (eval mode): a softmax read through them is still a softmax
 _SAME_VALUES = frozenset({"dropout", "contiguous", "clone", "detach", "to", "float", "type_as", "identity"})
-WEIGHT_CALLS = ("conv2d", "conv1d", "conv3d", "linear", "conv_transpose2d")
+# the recorded calls of a weight layer: the graph's conv / linear ops and the transposed conv
+WEIGHT_CALLS = (*sorted(WEIGHT_OPS), "conv_transpose2d")
 
 
 def _matmul(n, ivs, value, sigma) -> Interval:
@@ -212,8 +216,8 @@ RANGE_RULES: dict[str, Callable] = {
     # transformer ranges (rex.ranges): a LayerNorm's affine parameters as a BatchNorm's; GELU's exact image
     "layer_norm": lambda n, ivs, value, sigma: layer_norm_rule(n.args, n.kwargs, sigma),
     "gelu": lambda n, ivs, value, sigma: gelu_interval(_first(ivs)),
-    **{k: _arith for k in ("add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "__isub__")},
-    **{k: _mul for k in ("mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__")},
+    **{k: _arith for k in _ADD_SUB},
+    **{k: _mul for k in _MUL_DIV},
     **{k: _hull for k in _PASSTHROUGH},
     # attention's context: a softmax-weighted average of V's rows (fused, or written as softmax then matmul)
     "scaled_dot_product_attention": lambda n, ivs, value, sigma: softmax_average_interval(
@@ -333,11 +337,11 @@ def _m_flatten(n, st) -> Optional[Moments]:
 # so that DFQ's numbers do not move with it: these track the channel axis (tokens: the last) and the BN/LN calls.
 RANGE_MOMENT_RULES: dict[str, Callable] = {
     **{k: _m_norm for k in ("batch_norm", "layer_norm")},
-    **{k: _m_layer for k in ("conv2d", "conv1d", "conv3d", "linear")},
+    **{k: _m_layer for k in WEIGHT_OPS},
     **{k: _m_clip for k in ("relu", "relu6", "hardtanh", "clamp", "clip")},
     **{k: _m_prelu for k in ("prelu", "leaky_relu")},
-    **{k: _m_add for k in ("add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "__isub__")},
-    **{k: _m_scale for k in ("mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__")},
+    **{k: _m_add for k in _ADD_SUB},
+    **{k: _m_scale for k in _MUL_DIV},
     **{k: _m_cat for k in ("cat", "concat")},
     **{k: _m_keep for k in (*_SAME_VALUES, "avg_pool2d", "adaptive_avg_pool2d", "avg_pool1d")},
     **{k: _m_flatten for k in ("flatten", "reshape", "view")},

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from .. import protocols
 from ..io import atomic_write_text
 from . import grid as gridlib
 
@@ -45,7 +46,6 @@ JOB_COLUMNS = ["task", "model", "model_display", "dataset", "dataset_display", "
                "float_layer_names", "preset", "bits_per_weight", "group_size", "reason", "window", "tokens"]
 # A job's status: ok, failed, or n/a (the method does not apply to the model, e.g. DFQ without BatchNorm: a final
 # result with its ``reason``, shown as "n/a (<reason>)" in the tables).
-STATUSES = ("ok", "failed", "n/a")
 
 
 class RecordError(ValueError):
@@ -110,7 +110,7 @@ def job_row(rec: dict) -> dict:
         "dataset": rec.get("dataset"), "dataset_display": rec.get("dataset_display") or rec.get("dataset"),
         "label": rec.get("label"), "method": method_name(method, alloc), "base_method": method, "allocation": alloc,
         "wbits": get("wbits"), "abits": abits, "order": get("order") or 1, "budget": _num(get("budget")),
-        "status": rec.get("status") if rec.get("status") in ("ok", "n/a") else "failed",
+        "status": rec.get("status") if rec.get("status") in gridlib.FINAL_STATUSES else "failed",
         "bops": _num(rec.get("bops")), "plain_bops": _num(rec.get("plain_bops")),
         "fp32_bops": _num(rec.get("fp32_bops")), "n": _num(rec.get("n")),
         "primary_metric": primary, "primary_value": _num((rec.get("metrics") or {}).get(primary)),
@@ -147,7 +147,7 @@ def preset_of(rec: dict, method, proto: dict) -> str:
     existed ran the shared protocol."""
     if method == gridlib.FP32_METHOD:
         return ""
-    return rec.get("preset") or proto.get("preset") or "shared"
+    return rec.get("preset") or proto.get("preset") or protocols.DEFAULT_PRESET
 
 
 def float_layer_names(names) -> str:
@@ -191,7 +191,7 @@ def aggregate(job_dirs: Iterable[Path], summary: Path, jobs: Path) -> tuple[int,
     srows = [row for r in recs for row in summary_rows(r)]
     _write_csv(Path(summary), SUMMARY_COLUMNS, srows)
     _write_csv(Path(jobs), JOB_COLUMNS, (job_row(r) for r in recs))
-    return len(recs), sum(1 for r in recs if r.get("status") not in ("ok", "n/a"))
+    return len(recs), sum(1 for r in recs if r.get("status") not in gridlib.FINAL_STATUSES)
 
 
 def main(argv=None) -> int:

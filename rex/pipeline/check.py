@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .. import protocols
 from ..io import atomic_write_json
 
 KEYS = ("model", "method", "wbits", "abits", "order", "budget", "metric")
@@ -32,7 +33,7 @@ def _same(row_value: str, want) -> bool:
 def find_row(rows: list[dict], check: dict) -> Optional[dict]:
     """The summary row a check names (budget and order default to dense order 1 / no budget)."""
     want = {"order": 1, "budget": None, **check}
-    preset = want.get("preset") or "shared"  # a check names the shared protocol's row unless it says otherwise
+    preset = want.get("preset") or protocols.DEFAULT_PRESET  # a check names the shared protocol's row unless it says otherwise
     for r in rows:
         if r.get("preset") not in (None, "", preset):  # FP32 rows and rows from before presets have none
             continue

@@ -56,6 +56,10 @@ LOWER_IS_BETTER = frozenset({"perplexity", "kl"})
 
 def higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
+# a job's final statuses: "ok", or "n/a" when the method does not apply to the model (DFQ without BatchNorm);
+# anything else is a failure (a failed job's row reads "failed")
+NOT_APPLICABLE = "n/a"
+FINAL_STATUSES = ("ok", NOT_APPLICABLE)
 NAME_RE = r"[A-Za-z0-9_.-]+"
 # A job folder: the label, plus ",p=<8 hex>" when the job's protocol, method options or dataset differ from the
 # defaults (conf/config.yaml's protocol, no options, the model's own dataset): `--config protocol.mode=int`

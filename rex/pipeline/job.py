@@ -47,6 +47,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+from .. import protocols
 from ..errors import NotApplicableError as NotApplicable
 from . import grid as gridlib
 
@@ -58,7 +59,7 @@ CONFIG = "config.yaml"
 EXIT_RETRY = 75
 # The status of a method that does not apply to the model (DFQ / ZeroQ without BatchNorm): final like "ok",
 # written to metrics.json with its ``reason``; the tables show "n/a (<reason>)" in its metric cells.
-NOT_APPLICABLE = "n/a"
+NOT_APPLICABLE = gridlib.NOT_APPLICABLE
 CONFIG_FAILURE = "config"
 # Not part of the configuration identity (how a job runs, not what it computes).
 UNHASHED = ("run",)
@@ -173,7 +174,7 @@ def identity(cfg_dict: Optional[dict], out: Path) -> dict:
             order=m.get("order"), budget=m.get("budget"), allocation=m.get("allocation", "uniform"),
             # the protocol preset (a failed job's row names it too); FP32 rows have none
             preset="" if m.get("name") == gridlib.FP32_METHOD else
-            ((cfg_dict.get("protocol") or {}).get("preset") or "shared"),
+            ((cfg_dict.get("protocol") or {}).get("preset") or protocols.DEFAULT_PRESET),
         )
     return ident
 
@@ -422,7 +423,7 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
     record["host"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start))
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    failed = record["status"] not in ("ok", NOT_APPLICABLE)
+    failed = record["status"] not in gridlib.FINAL_STATUSES
     keep = failed and _good_result(out)
     if failed:
         record["previous_result_kept"] = keep

@@ -33,7 +33,7 @@ METHOD_ORDER = ["fp32", "rtn", "dfq", "squant", "ocs", "zeroq", "zeroq_lite", "h
 METRIC_DISPLAY = {"top1": "top-1 (%)", "top5": "top-5 (%)", "agreement": "agree (%)", "kl": "KL (nats)",
                   "AP": "AP", "AP50": "AP50", "AP75": "AP75", "mIoU": "mIoU (%)", "spearman": "Spearman x100",
                   "perplexity": "perplexity"}
-NOT_APPLICABLE = "n/a"
+NOT_APPLICABLE = gridlib.NOT_APPLICABLE
 FIRST_LAST = {"8bit": "first and last layers kept at W8A8, order 1",
               "same": "first and last layers quantized like the others",
               "fp": "first and last layers left in float"}

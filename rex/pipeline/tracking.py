@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..io import atomic_write_json
+from .grid import FINAL_STATUSES, NOT_APPLICABLE
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -117,7 +118,7 @@ def run_tags(record: dict, job_dir: Path, sha: str) -> dict:
     if record.get("status") == "failed":
         err = record.get("error") or {}
         tags["error"] = f"{err.get('type')}: {err.get('message', '')}"[:4000]
-    if record.get("status") == "n/a":  # the method does not apply to the model (e.g. DFQ without BatchNorm)
+    if record.get("status") == NOT_APPLICABLE:  # the method does not apply to the model (e.g. DFQ without BatchNorm)
         tags["reason"] = record.get("reason")
     return {k: str(v) for k, v in tags.items() if v is not None}
 
@@ -221,7 +222,7 @@ class Tracker:
         files = [p for p in sorted(Path(job_dir).iterdir()) if p.is_file()]
         for p in files:
             self.client.log_artifact(run_id, str(p))
-        self.client.set_terminated(run_id, "FINISHED" if record.get("status") in ("ok", "n/a") else "FAILED")
+        self.client.set_terminated(run_id, "FINISHED" if record.get("status") in FINAL_STATUSES else "FAILED")
         return ("created" if created else "updated"), run_id
 
     def log_job(self, job_dir: Path, extra_tags: Optional[dict] = None) -> tuple:
