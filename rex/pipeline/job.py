@@ -28,7 +28,7 @@ exit 0: a final result that the table shows as "n/a (no BatchNorm)".
 A failure never replaces a previous good ``metrics.json``: that folder is kept, ``FAILED.json`` is written beside
 it (``previous_result_kept: true``), its ``done`` removed, and the job is retried by the next run. Afterwards the folder is logged to MLflow (best
 effort: an MLflow problem is reported on stderr and never fails the job) unless ``--no-mlflow``: the Snakemake
-pipeline passes ``--no-mlflow`` and logs each folder in its own rule (``mlflow_log``).
+pipeline passes ``--no-mlflow`` and logs the folders in its own rule (``mlflow_log``, one per model).
 """
 from __future__ import annotations
 

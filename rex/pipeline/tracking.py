@@ -270,8 +270,9 @@ def _dirs_from(paths: Iterable[str]) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rex.pipeline.tracking", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, text in (("sync", "log job folders (or their done markers) to MLflow, idempotently"),
-                       ("log", "log ONE job folder (or its done marker); the pipeline's mlflow_log rule")):
+    for name, text in (("sync", "log job folders (or their done markers) to MLflow, idempotently; the pipeline's "
+                                "mlflow_log rule, once per (task, model)"),
+                       ("log", "log ONE job folder (or its done marker)")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--tracking-uri", default=None, help="default sqlite:///<results>/mlflow.db")
         s.add_argument("--results-dir", default=None, help="default: derived from the (first) job folder")

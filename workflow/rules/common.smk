@@ -119,8 +119,12 @@ def plot_files():
     return [f"{R}/plots/{t}_{m}.png" for t, m in PAIRS]
 
 
+def model_done_markers(task, model):
+    return [f"{j['dir']}/done" for j in JOBS if j["task"] == task and j["model"] == model]
+
+
 def mlflow_markers():
-    return [f"{R}/mlflow/{j['task']}/{j['model']}/{j['label']}.json" for j in JOBS]
+    return [f"{R}/mlflow/{t}/{m}.json" for t, m in PAIRS]
 
 
 def all_outputs():
