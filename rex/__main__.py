@@ -106,7 +106,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-last", default=None, choices=["8bit", "same", "fp"],
                    help="first/last-layer policy (default: the preset's; shared: 8bit)")
     p.add_argument("--act-sigma", type=_float("act-sigma"), default=None)
-    p.add_argument("--range-propagation", default="none", choices=["none", "moments", "interval"],
+    p.add_argument("--range-propagation", default="moments", choices=["none", "moments", "interval"],
                    help="range of a layer input no BatchNorm/LayerNorm precedes, through the preceding layer")
     p.add_argument("--seed", type=_int("seed"), default=0, help="seed of every random draw (ZeroQ)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method-specific option")

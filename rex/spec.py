@@ -54,8 +54,8 @@ class QuantSpec:
     act_sigma    n in beta + n|gamma| for data-free activation ranges (None = act_sigma_table, or by bit-width)
     criterion    neuron selection for sparse orders: 'residual' norm or 'weight' norm
     range_propagation  data-free range of a layer input no BatchNorm/LayerNorm precedes, through the preceding
-                 layer: 'none' (input left float), 'moments' (the BN/LN moments carried through it, then n
-                 sigma) or 'interval' (sound interval arithmetic from its weights) (rex.trace)
+                 layer: 'moments' (default: the BN/LN moments carried through it, then n sigma), 'none'
+                 (input left float) or 'interval' (sound interval arithmetic from its weights) (rex.trace)
     fold_bn      fold BatchNorm into the preceding conv before quantizing
     seed         for methods that draw random numbers (ZeroQ)
     options      method-specific settings (e.g. {'expand_ratio': 0.02} for OCS), validated into the method's
@@ -89,7 +89,7 @@ class QuantSpec:
     seed: int = 0
     options: dict = field(default_factory=dict)
     group_size: Optional[int] = None
-    range_propagation: str = "none"
+    range_propagation: str = "moments"
     preset: str = protocols.DEFAULT_PRESET
     first_layer: Optional[str] = None
     last_layer: Optional[str] = None
@@ -250,7 +250,8 @@ class QuantSpec:
         d = dataclasses.asdict(self)
         if d["group_size"] is None:  # absent unless per_group, so the hashes of earlier specs are unchanged
             del d["group_size"]
-        if d["range_propagation"] == "none":  # likewise: absent at its default
+        if d["range_propagation"] == "none":  # absent at its value before "moments" became the default, so the
+            # hashes of earlier specs still name what they ran (a "moments" spec is new: it carries the key)
             del d["range_propagation"]
         if self.preset == protocols.DEFAULT_PRESET:  # the preset-era fields at their shared values: absent too
             shared = {"preset": protocols.DEFAULT_PRESET, **protocols.get_preset(protocols.DEFAULT_PRESET).values()}

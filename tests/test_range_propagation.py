@@ -144,17 +144,19 @@ def test_none_is_todays_behaviour_bit_for_bit_and_keeps_the_spec_identity():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                         nn.Conv2d(8, 4, 1)).eval()  # BN-free: no range after the first layer
     x = torch.randn(2, 3, 8, 8)
-    spec_today = QuantSpec(method="rtn", wbits=8, abits=8, first_last="same")
+    spec_today = QuantSpec(method="rtn", wbits=8, abits=8, first_last="same", range_propagation="none")
     q_today = rex.quantize(net, spec_today, example_input=torch.zeros(1, 3, 8, 8), input_range=(-1.0, 1.0))
     q_none = _quantize(net, "none")
     assert torch.equal(q_none(x), q_today(x))
     assert [r["act_range"] for r in rex.report(q_none)] == [(-1.0, 1.0), None, None]
     assert rex.activation_coverage(q_none)["act_float"] == 2
     assert "propagated" not in rex.activation_coverage(q_none)["act_ranges"]
-    # the default is not written into the spec's identity: earlier results keep their hashes
-    assert "range_propagation" not in spec_today.to_dict() and spec_today.replace(range_propagation="none").hash() \
-        == spec_today.hash()
+    # 'none' (the default before 2026-12-06) is not written into the spec's identity: earlier results keep
+    # their hashes; the default 'moments' is, so no earlier hash names a run of the new default
+    assert "range_propagation" not in spec_today.to_dict()
     assert spec_today.replace(range_propagation="moments").hash() != spec_today.hash()
+    assert QuantSpec(method="rtn", wbits=8, abits=8, first_last="same").hash() \
+        == spec_today.replace(range_propagation="moments").hash()
 
 
 @pytest.mark.parametrize("prop", ["moments", "interval"])
@@ -247,10 +249,10 @@ def test_pipeline_protocol_block_records_it_and_a_non_default_value_gets_its_own
     from rex.pipeline import grid as gridlib
 
     defaults = gridlib.protocol_defaults(PROJECT_ROOT / "conf")
-    assert defaults["range_propagation"] == "none"
+    assert defaults["range_propagation"] == "moments"
     assert gridlib.variant(dict(defaults), defaults) == ""  # the default grid's folders keep their names
-    tags = {p: gridlib.variant({**defaults, "range_propagation": p}, defaults) for p in ("moments", "interval")}
-    assert all(tags.values()) and tags["moments"] != tags["interval"]
+    tags = {p: gridlib.variant({**defaults, "range_propagation": p}, defaults) for p in ("none", "interval")}
+    assert all(tags.values()) and tags["none"] != tags["interval"]
     spec = QuantSpec.from_config({"name": "rex", "wbits": 4, "abits": 8}, {**defaults, "range_propagation": "moments"})
     assert spec.range_propagation == "moments" and spec.to_dict()["range_propagation"] == "moments"
 

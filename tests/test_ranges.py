@@ -71,7 +71,7 @@ def test_tracer_quantizes_linear_inputs_after_layernorm_and_counts_float_inputs(
     torch.manual_seed(0)
     m = Block().eval()
     x = torch.randn(2, 5, 16)
-    q = rex.quantize(m, wbits=8, abits=8, first_last="same", example_input=x)
+    q = rex.quantize(m, wbits=8, abits=8, first_last="same", example_input=x, range_propagation="none")
     rep = {r["name"]: r for r in rex.report(q)}
     sigma = rex.QuantSpec(abits=8).sigma
     assert rep["fc1"]["abits"] == 8
@@ -81,6 +81,19 @@ def test_tracer_quantizes_linear_inputs_after_layernorm_and_counts_float_inputs(
     fi = q.rex_info.extra["float_inputs"]
     assert fi == dict(count=1, of=3, names=["fc2"])
     assert any("fc2" in n for n in q.rex_info.notes)
+    assert (q(x) - m(x)).abs().max() < 0.1
+
+
+def test_default_protocol_propagates_a_range_to_every_linear_input():
+    """range_propagation defaults to 'moments': fc2's input (GELU of fc1's output) gets a range, none stays float."""
+    torch.manual_seed(0)
+    m = Block().eval()
+    x = torch.randn(2, 5, 16)
+    assert rex.QuantSpec(abits=8).range_propagation == "moments"
+    q = rex.quantize(m, wbits=8, abits=8, first_last="same", example_input=x)
+    rep = {r["name"]: r for r in rex.report(q)}
+    assert rep["fc1"]["abits"] == rep["fc2"]["abits"] == rep["head"]["abits"] == 8
+    assert q.rex_info.extra["float_inputs"]["count"] == 0
     assert (q(x) - m(x)).abs().max() < 0.1
 
 
@@ -99,7 +112,8 @@ def test_bert_w4a8_quantizes_qkv_and_intermediate_inputs():
                                   intermediate_size=64, max_position_embeddings=64)
     model = transformers.BertModel(cfg).eval()
     ids = torch.randint(0, 99, (1, 12))
-    q = rex.quantize(model, wbits=4, abits=8, example_input=dict(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    example = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    q = rex.quantize(model, wbits=4, abits=8, example_input=example, range_propagation="none")
     rep = {r["name"]: r for r in rex.report(q)}
     for layer in range(2):
         for part in ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense"):
@@ -108,3 +122,6 @@ def test_bert_w4a8_quantizes_qkv_and_intermediate_inputs():
     # after the attention matmul and after GELU of an unranged Linear: float, and said so
     assert fi["count"] == 4 and fi["of"] == 2 * 6 + 1
     assert all(n.endswith(("attention.output.dense", "output.dense")) for n in fi["names"])
+    # the default protocol (range_propagation='moments') reaches those four inputs too
+    q = rex.quantize(model, wbits=4, abits=8, example_input=example)
+    assert q.rex_info.extra["float_inputs"] == dict(count=0, of=2 * 6 + 1, names=[])
