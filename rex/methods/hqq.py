@@ -204,8 +204,7 @@ def hqq_quantize(model: nn.Module, spec, example_input=None, input_range=None) -
             raise ConfigError(f"hqq does not handle ConvTranspose2d ({name}); use another method for this model")
         if bits not in hqq_bits():
             raise ConfigError(f"hqq: layer {name} ({role}) would get {bits} bits, but HQQ quantizes to "
-                              f"{', '.join(map(str, hqq_bits()))} bits only; use one of those wbits"
-                              + (" (or first_last 'same' / 'fp')" if bits != spec.wbits else ""))
+                              f"{', '.join(map(str, hqq_bits()))} bits only; use one of those wbits")
         plan.append((name, role, bits))
     layers = []
     for name, role, bits in plan:
