@@ -115,7 +115,8 @@ def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range, quantizer: O
                    ) -> torch.nn.Module:
     """Quantize (``quantizer(spec)``, default ``rex.quantize`` of ``model``), and record BOPs, bits per weight,
     size, plain-order BOPs, the float layer inputs and the per-layer checks in ``out``. A model without
-    QuantLayers has an empty per-layer report: its max_err / bound_ok / int32_safe are None (nothing to check)."""
+    QuantLayers has an empty per-layer report: its max_err / bound_ok / int32_safe are None (nothing to check);
+    bound_ok is None too where no layer has an error bound (asymmetric grids, HQQ)."""
     if quantizer is None:
         def quantizer(s):
             return rex.quantize(model, s, example_input=ex, input_range=in_range)
@@ -135,7 +136,8 @@ def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range, quantizer: O
     extra = qmodel.rex_info.extra
     out["layers_quantized"] = len(rep)
     out["max_err"] = max((r["max_err"] or 0.0) for r in rep) if rep else None
-    out["bound_ok"] = all(r["bound_ok"] is not False for r in rep) if rep else None
+    checked = [r["bound_ok"] for r in rep if r["bound_ok"] is not None]
+    out["bound_ok"] = all(checked) if checked else None
     out["int32_safe"] = all(r["int32_safe"] for r in rep) if rep else None
     out["notes"] = qmodel.rex_info.notes
     out.update(rex.activation_coverage(qmodel))
