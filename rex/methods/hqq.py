@@ -65,21 +65,19 @@ META_BITS = 16  # HQQ keeps each scale and zero point as a 16-bit float (compute
 
 def hqq_bits() -> tuple:
     """The integer bit-widths HQQ quantizes to that a spec can ask for (wbits >= 2): 2, 3, 4, 5, 6, 8."""
-    _, _ = require_hqq()
-    from hqq.core.quantize import Quantizer
-
+    _, Quantizer = require_hqq()
     return tuple(b for b in Quantizer.SUPPORTED_BITS if isinstance(b, int) and b >= 2)[::-1]
 
 
 def require_hqq():
-    """The hqq entry points, or a RexError naming the install command."""
+    """The hqq entry points (BaseQuantizeConfig, Quantizer), or a RexError naming the install command."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # hqq prints backend notices at import
-            from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+            from hqq.core.quantize import BaseQuantizeConfig, Quantizer
     except ImportError as exc:
         raise RexError(f"the hqq baseline needs the hqq package ({type(exc).__name__}: {exc}); install it with "
                        f"`pip install hqq=={HQQ_VERSION}` (or `pip install -e .[hqq]`)") from None
-    return BaseQuantizeConfig, HQQLinear
+    return BaseQuantizeConfig, Quantizer
 
 
 def hqq_params(nbits: int, group_size: Optional[int], in_features: int) -> dict:
@@ -102,17 +100,15 @@ def hqq_qtensor(weight: torch.Tensor, nbits: int, group_size: Optional[int]) -> 
     ``bitpack=False``: packing is lossless storage (two 4-bit codes per byte taken from the two halves of the
     rows, ten 3-bit codes per int32, four 2-bit codes per byte) that only works when the packing divides
     the row count, so HQQLinear fails on an odd output count at W4 per channel (and on 7 x 64 in groups of
-    64, 6 rows at W2, ...). Unpacked, the codes, scales and zero points are the same numbers for every row:
-    HQQLinear's dequantized weight, wherever it runs, is exactly ``(q - zero) * scale`` of these
-    (tests/test_hqq.py). The whole matrix goes through one call, as in HQQLinear: the solver's early stop
+    64, 6 rows at W2, ...). Unpacked, the codes, scales and zero points are the same numbers: HQQLinear's
+    dequantized weight (compute_dtype float32, on the CPU; on a zero-padded copy where it cannot pack the shape)
+    is exactly ``(q - zero) * scale`` of these (tests/test_hqq.py). The whole matrix goes through one call, as in HQQLinear: the solver's early stop
     looks at the mean error of the whole matrix.
 
     Layout: q [out, in] (integers 0 .. 2^b - 1, stored as int32), scale and zero [out, in / group] per
     group or [out] per channel (group_size None). The zero point is a float (the solver moves it off the
     integer grid), one per group like the scale."""
-    _, _ = require_hqq()
-    from hqq.core.quantize import Quantizer
-
+    _, Quantizer = require_hqq()
     if weight.dim() != 2:
         raise ConfigError(f"hqq quantizes 2-D weight matrices, got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
@@ -135,11 +131,6 @@ def hqq_qtensor(weight: torch.Tensor, nbits: int, group_size: Optional[int]) -> 
         scale, zero = scale[:, 0].contiguous(), zero[:, 0].contiguous()
     qt = QTensor(q, scale, zero, nbits, group_size, zero_bits=META_BITS)
     return qt, dq.detach().to(torch.float32).reshape(out_f, in_f).clone()
-
-
-def hqq_dequantized(weight: torch.Tensor, nbits: int, group_size: Optional[int]) -> torch.Tensor:
-    """HQQ's quantize -> dequantize of a 2-D weight [out, in] (float32 in, float32 out, same shape)."""
-    return hqq_qtensor(weight, nbits, group_size)[1]
 
 
 def hqq_group_size(spec) -> Optional[int]:
