@@ -8,7 +8,7 @@ float32 arithmetic would overflow, and the example input (it must run through th
 names the shape the first layer expects). Afterwards every layer with a matrix or convolution weight that was
 not quantized (LSTM, GRU, an attention's packed projection, ConvTranspose3d, ...) is counted and named in
 ``qmodel.rex_info.extra["float_layers"]``, in ``rex_info.notes`` and in a ``FloatLayersWarning``; layers kept
-float by the first/last policy and layers a method quantized in place (HQQ) are not "left float".
+float by the first/last policy are not "left float".
 """
 from __future__ import annotations
 
@@ -192,12 +192,10 @@ _LOOKUP = (nn.Embedding, nn.EmbeddingBag)
 def planned_float(info) -> set:
     """Names of weight layers that are float on purpose, not for want of support: kept float by the first/last
     policy (``first_last='fp'``: planned, costed at 32 x 32 in the BOPs, stated in the protocol; HQQ lists them in
-    ``extra['float_by_policy']``), or quantized
-    in place by a method that swaps no layer (HQQ's dequantized weights: ``extra['quantized_in_place']``)."""
+    ``extra['float_by_policy']``)."""
     if info is None:
         return set()
-    return ({p.name for p in getattr(info, "plans", []) if not p.quantize}
-            | set(info.extra.get("float_by_policy") or ()) | set(info.extra.get("quantized_in_place") or ()))
+    return {p.name for p in getattr(info, "plans", []) if not p.quantize} | set(info.extra.get("float_by_policy") or ())
 
 
 def float_layers(qmodel: nn.Module, skip=()) -> dict:

@@ -183,7 +183,10 @@ def cost_table(model: nn.Module, example_input, attention_abits: int = FLOAT_BIT
 # Weight-only rows are about memory, not BOPs. Stored per quantized layer and per expansion term k:
 #   integers      kept rows x fan_in x b bits
 #   scales        kept rows x (scales per row: 1 per channel, G per group) x SCALE_BITS  (fp16 / bf16)
-#   zero points   the same count x b bits (asymmetric grids only; an integer on the b-bit grid)
+#   zero points   the same count x b bits (asymmetric grids only; an integer on the b-bit grid), or x 16 bits
+#                 where the zero point is a float off the grid (HQQ: its solver optimises it; kept as fp16,
+#                 ``QuantLayer.zero_bits``). HQQ W3 g64: 3 + (16 + 16) / 64 = 3.5; min/max W3 g64 asymmetric:
+#                 3 + (16 + 3) / 64; symmetric (no zero point): 3 + 16 / 64
 #   mask          C_out bits for a sparse order (density < 1): which rows it keeps; a dense order has none
 # divided by the weight count C_out x fan_in. W4 K=2 dense per channel: 8 + 2 x 16 / fan_in bits; a
 # budget that keeps half the rows at order 2: 6 + (1 + 1/2) x 16 / fan_in + 1 / fan_in bits. A float
@@ -217,7 +220,8 @@ def layer_weight_memory(layer, name: str = "") -> WeightMemory:
             continue
         per_row = s.shape[1] if getattr(layer, "group_size", None) else 1
         ints += rows * fan_in * layer.wbits
-        scales += rows * per_row * (SCALE_BITS + (layer.wbits if z is not None else 0))
+        zbits = (layer.zero_bits or layer.wbits) if z is not None else 0
+        scales += rows * per_row * (SCALE_BITS + zbits)
         if rows < c_out:
             masks += c_out
     return WeightMemory(name or layer.layer_name, c_out * fan_in, ints + scales + masks, ints, scales, masks)

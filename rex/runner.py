@@ -103,22 +103,20 @@ def _quantize_or_keep(out: dict, model, entry, weights, spec: Optional[QuantSpec
 
 def memory_info(qmodel) -> dict:
     """Bits per weight of the quantized layers, scales, zero points and sparse masks included: the cost of a
-    weight-only row (``rex_info.extra['memory']`` from the engine, ``extra['hqq']`` from HQQ); {} if neither."""
+    weight-only row (``rex_info.extra['memory']``, from the engine and from HQQ); {} without it."""
     extra = getattr(getattr(qmodel, "rex_info", None), "extra", None) or {}
-    mem, h = extra.get("memory"), extra.get("hqq")
+    mem = extra.get("memory")
     if mem:
         return dict(bits_per_weight=mem.get("bits_per_weight"), bits_per_weight_all=mem.get("bits_per_weight_all"))
-    if h:
-        return dict(bits_per_weight=h.get("bits_per_weight"))
     return {}
 
 
 def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range, quantizer: Optional[Callable] = None
                    ) -> torch.nn.Module:
     """Quantize (``quantizer(spec)``, default ``rex.quantize`` of ``model``), and record BOPs, bits per weight,
-    size, plain-order BOPs, the float layer inputs and the per-layer checks in ``out``. A method that creates no
-    QuantLayer (HQQ returns a float model holding its dequantized weights) has an empty per-layer report: its
-    max_err / bound_ok / int32_safe are None (nothing to check), and its layer count comes from its own record."""
+    size, plain-order BOPs, the float layer inputs and the per-layer checks in ``out``. A model without
+    QuantLayers has an empty per-layer report: its max_err / bound_ok / int32_safe are None (nothing to check);
+    bound_ok is None too where no layer has an error bound (asymmetric grids, HQQ)."""
     if quantizer is None:
         def quantizer(s):
             return rex.quantize(model, s, example_input=ex, input_range=in_range)
@@ -136,9 +134,10 @@ def _quantize_into(out: dict, model, spec: QuantSpec, ex, in_range, quantizer: O
     out.update(memory_info(qmodel))
     rep = rex.report(qmodel)
     extra = qmodel.rex_info.extra
-    out["layers_quantized"] = len(rep) or len((extra.get("hqq") or {}).get("layers", []))
+    out["layers_quantized"] = len(rep)
     out["max_err"] = max((r["max_err"] or 0.0) for r in rep) if rep else None
-    out["bound_ok"] = all(r["bound_ok"] is not False for r in rep) if rep else None
+    checked = [r["bound_ok"] for r in rep if r["bound_ok"] is not None]
+    out["bound_ok"] = all(checked) if checked else None
     out["int32_safe"] = all(r["int32_safe"] for r in rep) if rep else None
     out["notes"] = qmodel.rex_info.notes
     out.update(rex.activation_coverage(qmodel))

@@ -102,8 +102,8 @@ def test_group_size_on_the_command_line():
 
 @pytest.mark.skipif(not HAVE_HQQ, reason="pip install hqq==0.2.8.post1")
 def test_hqq_rows_go_through_the_runner(one_thread):
-    """HQQ returns a float model with its dequantized weights (no QuantLayer): the runner records it with an
-    empty per-layer report instead of failing, and its bits per weight are the cost of the row."""
+    """HQQ's layers are QuantLayers holding its weights: the runner records them like any method's (BOPs
+    W4 x 32, its measured error, no error bound), and its bits per weight are the cost of the row."""
     from rex import runner
 
     torch.manual_seed(0)
@@ -112,11 +112,12 @@ def test_hqq_rows_go_through_the_runner(one_thread):
     out: dict = {}
     spec = rex.QuantSpec(method="hqq", wbits=4, abits=None, first_last="same", granularity="per_group", group_size=32)
     q = runner._quantize_into(out, model, spec, ex, None)
-    assert out["layers_quantized"] == 3 and out["max_err"] is None and out["bound_ok"] is None
+    assert out["layers_quantized"] == 3 and out["max_err"] > 0 and out["bound_ok"] is None
+    assert out["bops"] == (64 * 64 * 2 + 64 * 10) * 4 * 32  # weight-only W4: 4 x 32 per MAC
     assert out["bits_per_weight"] == pytest.approx(4 + 32 / 32)  # 16-bit scale and zero point per group of 32
     assert out["act_float"] == out["act_layers"] == 3  # weight-only: every input float, counted
-    assert out["float_layers"] == 0  # HQQ's layers hold its dequantized weights: quantized, not "left float"
-    assert not torch.equal(q[0].weight, model[0].weight)
+    assert out["float_layers"] == 0
+    assert not torch.equal(q[0].inner.weight, model[0].weight)
 
 
 def test_ocs_splits_a_linear_on_token_inputs(one_thread):

@@ -136,18 +136,19 @@ def test_hqq_weight_only_beats_rtn_at_3_bits(one_thread):
     for gs in (None, 64):
         q = rex.quantize(m, method="hqq", wbits=3, abits=None, first_last="same", options={"group_size": gs},
                          example_input=ex)
-        assert not any(isinstance(l, QuantLayer) for l in q.modules())  # a float model with HQQ weights
+        # QuantLayers like every method's, holding HQQ's weights (their bits and groups feed the cost model)
+        assert all(isinstance(q[i], QuantLayer) and q[i].wbits == 3 and q[i].group_size == gs for i in (0, 2, 4))
         h = q.rex_info.extra["hqq"]
         assert [r["name"] for r in h["layers"]] == ["0", "2", "4"] and all(r["wbits"] == 3 for r in h["layers"])
         for i in (0, 2, 4):
-            dw = (q[i].weight - m[i].weight).detach()
+            dw = (q[i].inner.weight - m[i].weight).detach()
             assert 0 < float(dw.abs().mean()) < 0.25 * float(m[i].weight.detach().abs().mean())
-            assert torch.equal(q[i].bias, m[i].bias)
+            assert torch.equal(q[i].inner.bias, m[i].bias)
         with torch.no_grad():
             errs[gs] = float((q(x) - ref).pow(2).mean())
         expected_bpw = 3 + 32 / 64 if gs == 64 else (3 + 32 / 256) * (256 * 512 + 256 * 64) / (256 * 512 * 2 + 256 * 64) \
             + (3 + 32 / 512) * (512 * 256) / (256 * 512 * 2 + 256 * 64)
-        assert h["bits_per_weight"] == pytest.approx(expected_bpw)
+        assert q.rex_info.extra["memory"]["bits_per_weight"] == pytest.approx(expected_bpw)
     rtn = rex.quantize(m, method="rtn", wbits=3, abits=None, first_last="same", example_input=ex)
     with torch.no_grad():
         err_rtn = float((rtn(x) - ref).pow(2).mean())
@@ -162,6 +163,7 @@ def test_hqq_policy_and_errors(one_thread):
     assert [r["wbits"] for r in q.rex_info.extra["hqq"]["layers"]] == [8, 4, 8]
     q = rex.quantize(m, method="hqq", wbits=4, abits=None, first_last="fp", example_input=ex)
     assert [r["name"] for r in q.rex_info.extra["hqq"]["layers"]] == ["2"] and torch.equal(q[0].weight, m[0].weight)
+    assert q.rex_info.extra["float_by_policy"] == ["0", "4"] and rex.activation_coverage(q)["act_layers"] == 1
     with pytest.raises(ConfigError, match="weight-only"):
         rex.quantize(m, method="hqq", wbits=4, abits=8, example_input=ex)
     with pytest.raises(ConfigError, match="order-1"):
@@ -192,4 +194,4 @@ def test_hqq_unties_a_shared_weight(one_thread):
     q = rex.quantize(m, method="hqq", wbits=3, abits=None, first_last="same",
                      example_input=torch.zeros(1, 4, dtype=torch.long))
     assert torch.equal(q.emb.weight, m.emb.weight)
-    assert not torch.equal(q.head.weight, m.emb.weight)
+    assert not torch.equal(q.head.inner.weight, m.emb.weight)

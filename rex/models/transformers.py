@@ -332,7 +332,7 @@ def quantize_text_model(bundle: Any, spec: Any, tied_head: str = "float", embedd
 
 def _recount_memory(q: nn.Module, floated: set) -> None:
     """Bits per weight of the model as returned: the head put back in float is no longer a quantized layer
-    (the engine's ``extra['memory']``, HQQ's ``extra['hqq']`` counted it)."""
+    (``extra['memory']``, the engine's or HQQ's, counted it)."""
     info = getattr(q, "rex_info", None)
     if info is None or not floated:
         return
@@ -341,10 +341,8 @@ def _recount_memory(q: nn.Module, floated: set) -> None:
 
         info.extra["memory"] = weight_memory(q)
     h = info.extra.get("hqq")
-    if h:
+    if h:  # its per-layer record lists the quantized layers only
         h["layers"] = [r for r in h["layers"] if r["name"] not in floated]
-        n = sum(r["weights"] for r in h["layers"])
-        h["bits_per_weight"] = sum(r["bits_per_weight"] * r["weights"] for r in h["layers"]) / n if n else None
     fi = info.extra.get("float_inputs")
     if fi:  # the head is no longer a quantized layer: not counted among the quantized layers' inputs either
         was = {p.name for p in info.plans if p.quantize} or set(fi["names"])

@@ -218,6 +218,7 @@ class QuantLayer(nn.Module):
             raise ValueError(f"layer {name}: an Embedding reads integer ids, its input cannot be quantized")
         self._wshape = tuple(canonical_weight(inner).shape)  # output channels first
         self.group_size = terms[0].qt.group_size if terms else None  # None: one scale per output channel
+        self.zero_bits = terms[0].qt.zero_bits if terms else None  # None: zero points on the b-bit grid
         for k, t in enumerate(terms):
             self.register_buffer(f"q{k}", t.qt.q)
             self.register_buffer(f"s{k}", t.qt.channel_scale(t.qt.q.shape[0]).float())

@@ -35,13 +35,16 @@ GRANULARITIES = ("per_channel", "per_tensor", "per_group")
 @dataclass
 class QTensor:
     """b-bit integers with a scale per output channel (a 0-d scale is per tensor; a [C_out, G] scale with
-    ``group_size`` set is per group of consecutive inputs of a row) and an optional zero point (same shape)."""
+    ``group_size`` set is per group of consecutive inputs of a row) and an optional zero point (same shape).
+    ``zero_bits``: the storage of one zero point; None = an integer on the b-bit grid (b bits, the min/max
+    grids here), else a float of that width (HQQ's solver moves its zero points off the grid: 16, fp16)."""
 
     q: torch.Tensor
     scale: torch.Tensor
     zero_point: Optional[torch.Tensor]
     bits: int
     group_size: Optional[int] = None
+    zero_bits: Optional[int] = None
 
     def full_scale(self) -> torch.Tensor:
         """Per group: the scale broadcast to every weight (q's shape). Otherwise the scale itself."""

@@ -138,14 +138,11 @@ def main(argv=None) -> int:
             spec = rex.QuantSpec(method=r["method"], wbits=r["wbits"], abits=None, order=r["order"],
                                  first_last=args.first_last, options=opts)
             model = quantize_text_model(bundle, spec, tied_head=args.tied_head)
-            if r["method"] == "hqq":
-                kept = set(tied_linears(bundle.model)) if args.tied_head == "float" else set()
-                hl = [x for x in model.rex_info.extra["hqq"]["layers"] if x["name"] not in kept]
-                bpw = sum(x["bits_per_weight"] * x["weights"] for x in hl) / sum(x["weights"] for x in hl)
-                nq = len(hl)
+            if r["method"] == "hqq":  # rex.cost.weight_memory, recounted once the tied head went back to float
+                bpw = model.rex_info.extra["memory"]["bits_per_weight"]
             else:
                 bpw = rex_bits_per_weight(model, r["wbits"], r["order"])
-                nq = sum(isinstance(m, QuantLayer) for m in model.modules())
+            nq = sum(isinstance(m, QuantLayer) for m in model.modules())
         quant_s = time.perf_counter() - t0
         ev = evaluate_text(model, dataset, tok, task, threads=args.threads)
         if r["method"] == "fp32":
