@@ -129,9 +129,11 @@ def test_no_grid_value_reaches_a_shell_unquoted(tmp_path):
                    f"dataset.root={grid.hydra_value(p['quote'])}", f"dataset.root={grid.hydra_value(p['dquote'])}",
                    f"++method.options.note={grid.hydra_value(p['newline'])}"):
         assert needle in overrides, needle
-    logged = [c for c in calls if c[:3] == ["-m", "rex.pipeline.tracking", "log"]]
-    assert len(logged) == 6 and all(c[c.index("--grid") + 1] == cfg["name"] and
-                                    c[c.index("--tracking-uri") + 1] == cfg["tracking_uri"] for c in logged)
+    logged = [c for c in calls if c[:3] == ["-m", "rex.pipeline.tracking", "sync"]]  # one call per model
+    assert len(logged) == len({(j["task"], j["model"]) for j in jobs}) == 4
+    assert all(c[c.index("--grid") + 1] == cfg["name"] and
+               c[c.index("--tracking-uri") + 1] == cfg["tracking_uri"] for c in logged)
+    assert sorted(a for c in logged for a in c if a.endswith("/done")) == sorted(f"{j['dir']}/done" for j in jobs)
     page = [c for c in calls if c[:3] == ["-m", "rex.pipeline.report", "page"]]
     assert len(page) == 1 and page[0][page[0].index("--grid") + 1] == cfg["name"]
 
