@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..graph import WEIGHT_OPS, Graph, record
+from ..graph import (ADAPTIVE_AVG_POOLS, AVG_POOLS, CAST_OPS, DROPOUTS, IDENTITY_OPS, WEIGHT_OPS, Graph,
+                     record)
 from ..nn.layers import CONVS
 from ..ranges import clipped_normal_moments
 from .base import Context, Transform
@@ -33,9 +34,8 @@ from .equalize import apply_to_constant
 
 Stat = Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]  # (mean [C], var [C] or None)
 
-_KEEP_MEAN = {"dropout", "dropout2d", "avg_pool2d", "adaptive_avg_pool2d", "avg_pool1d", "contiguous", "clone",
-              "detach", "identity", "pad", "to", "float", "type_as",
-              "dropout1d", "dropout3d", "adaptive_avg_pool1d", "avg_pool3d", "adaptive_avg_pool3d"}
+# ops whose output has the per-channel mean (and variance) of their input
+_KEEP_MEAN = frozenset({"pad", *DROPOUTS, *AVG_POOLS, *ADAPTIVE_AVG_POOLS, *IDENTITY_OPS, *CAST_OPS})
 
 
 def _in_channels(m: nn.Module) -> int:
