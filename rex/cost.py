@@ -301,6 +301,14 @@ def bops(model: nn.Module, example_input) -> int:
     return sum(r.bops for r in cost_table(model, example_input))
 
 
+def order1_bops(table: Sequence[LayerCostRecord]) -> int:
+    """BOPs of the same model at order 1 (every layer's first, dense term alone: the plain W/A model), from the
+    cost table of any order and budget. Exactly ``bops`` of the spec quantized again with order=1, budget=None:
+    the plan (which layers, their bits, their input ranges: from the float model) and the forward's shapes do
+    not depend on the order or the budget; only a quantized layer's densities do."""
+    return sum(layer_bops(r.macs, r.wbits, r.abits) for r in table)
+
+
 def model_size_bits(model: nn.Module) -> int:
     """Weight storage in bits: b bits per kept integer weight per term (+32 bits per channel scale),
     32 bits per float parameter elsewhere (biases, BN, unquantized layers)."""
