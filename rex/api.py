@@ -23,7 +23,7 @@ from torch import nn
 from .cost import _call
 from .cost import bops as _bops
 from .errors import ConfigError, RexWarning, WeightError
-from .cost import cost_table, model_size_bits
+from .cost import cost_table, model_size_bits, order1_bops
 from .expansion import expand  # noqa: F401  (re-exported)
 from .methods import get_method
 from .nn.layers import QuantLayer
@@ -292,7 +292,8 @@ def activation_coverage(qmodel: nn.Module) -> dict:
 
 
 def summary(qmodel: nn.Module, example_input=None) -> dict:
-    """Model-level numbers: BOPs, MACs, size, and the quantization time."""
+    """Model-level numbers: BOPs, MACs, size, and the quantization time; ``plain_bops``: the BOPs of the same
+    spec at order 1 without a budget (``rex.cost.order1_bops``), the base of a budget ratio."""
     if example_input is None:
         from .engine import default_example_input
 
@@ -301,6 +302,7 @@ def summary(qmodel: nn.Module, example_input=None) -> dict:
     info = getattr(qmodel, "rex_info", None)
     return dict(
         bops=sum(r.bops for r in table),
+        plain_bops=order1_bops(table),
         macs=sum(r.macs for r in table),
         size_bits=model_size_bits(qmodel),
         layers=len(table),

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .nn.layers import CONVS
+from .nn.layers import CONVS, QuantLayer, is_conv, is_embedding, is_hf_conv1d
 
 FLOAT_BITS = 32
 
@@ -112,8 +112,6 @@ def module_macs(module: nn.Module, in_shape: tuple, out_shape: tuple) -> int:
     if isinstance(core, nn.Linear):
         rows = math.prod(in_shape[1:-1])  # vectors per sample (tokens)
         return linear_macs(core.in_features, core.out_features, rows)
-    from .nn.layers import is_embedding, is_hf_conv1d
-
     if is_hf_conv1d(core):  # weight stored (in, out)
         rows = math.prod(in_shape[1:-1])
         return linear_macs(core.weight.shape[0], core.weight.shape[1], rows)
@@ -123,10 +121,6 @@ def module_macs(module: nn.Module, in_shape: tuple, out_shape: tuple) -> int:
 
 
 def _is_costed(module: nn.Module) -> bool:
-    from .nn.layers import QuantLayer
-
-    from .nn.layers import is_conv, is_embedding, is_hf_conv1d
-
     if isinstance(module, QuantLayer):
         return True
     return (is_conv(module) or isinstance(module, nn.Linear) or is_hf_conv1d(module)
@@ -140,8 +134,6 @@ def _inside_quant(module: nn.Module) -> bool:
 def cost_table(model: nn.Module, example_input, attention_abits: int = FLOAT_BITS) -> list[LayerCostRecord]:
     """Per-layer MACs/BOPs/size for one sample, from one forward pass of ``example_input``; activation x
     activation matmuls (attention) are rows of kind ``matmul`` at ``attention_abits`` x ``attention_abits``."""
-    from .nn.layers import QuantLayer
-
     records: list[LayerCostRecord] = []
     handles = []
 
@@ -232,8 +224,6 @@ def weight_memory(model: nn.Module) -> dict:
     weights only, ``bits_per_weight``; without the embedding tables, which the first/last policy may keep
     at 8 bits and which dominate a small transformer, ``bits_per_weight_no_embeddings``; and with every
     other weight layer at 32 bits, ``bits_per_weight_all``)."""
-    from .nn.layers import QuantLayer
-
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
     rows = [layer_weight_memory(m, n) for n, m in layers]
     float_weights = sum(m.weight.numel() for m in model.modules() if _is_costed(m) and not isinstance(m, QuantLayer))
@@ -315,11 +305,17 @@ def bops(model: nn.Module, example_input) -> int:
     return sum(r.bops for r in cost_table(model, example_input))
 
 
+def order1_bops(table: Sequence[LayerCostRecord]) -> int:
+    """BOPs of the same model at order 1 (every layer's first, dense term alone: the plain W/A model), from the
+    cost table of any order and budget. Exactly ``bops`` of the spec quantized again with order=1, budget=None:
+    the plan (which layers, their bits, their input ranges: from the float model) and the forward's shapes do
+    not depend on the order or the budget; only a quantized layer's densities do."""
+    return sum(layer_bops(r.macs, r.wbits, r.abits) for r in table)
+
+
 def model_size_bits(model: nn.Module) -> int:
     """Weight storage in bits: b bits per kept integer weight per term (+32 bits per channel scale),
     32 bits per float parameter elsewhere (biases, BN, unquantized layers)."""
-    from .nn.layers import QuantLayer
-
     total = 0
     counted: set[int] = set()
     for m in model.modules():

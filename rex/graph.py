@@ -42,6 +42,25 @@ WEIGHT_OPS = frozenset({"conv1d", "conv2d", "conv3d", "linear"})
 WEIGHT_MODULES = (*CONVS, nn.Linear)
 ACT_MODULES = (nn.ReLU6, nn.Hardtanh, nn.ReLU)  # their calls are named (a ReLU6 module can become a ReLU)
 
+# Rank-generic names of the shape / value-preserving calls that the range (rex.trace), moment
+# (transforms.bias_correction) and equalization (transforms.equalize) rules share; each rule set is built
+# from these, so a new layer kind (another rank, another dropout) is one edit here.
+
+
+def _ranks(op: str) -> frozenset:
+    """``op`` for 1-d, 2-d and 3-d inputs: ``max_pool`` -> max_pool1d, max_pool2d, max_pool3d."""
+    return frozenset(f"{op}{d}d" for d in (1, 2, 3))
+
+
+MAX_POOLS = _ranks("max_pool") | _ranks("adaptive_max_pool")
+AVG_POOLS = _ranks("avg_pool")  # padded windows average in zeros: not shift-commuting (equalize)
+ADAPTIVE_AVG_POOLS = _ranks("adaptive_avg_pool")
+POOLS = MAX_POOLS | AVG_POOLS | ADAPTIVE_AVG_POOLS
+DROPOUTS = frozenset({"dropout"}) | _ranks("dropout")  # identity in eval mode
+ALPHA_DROPOUTS = frozenset({"alpha_dropout", "feature_alpha_dropout"})
+IDENTITY_OPS = frozenset({"identity", "contiguous", "clone", "detach"})  # output == input
+CAST_OPS = frozenset({"to", "float", "type_as"})  # same values, another dtype / device
+
 
 def op_name(func) -> str:
     """One naming rule for every op: ``relu_`` -> ``relu`` (in-place variants share the out-of-place rule)."""

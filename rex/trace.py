@@ -20,24 +20,23 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .graph import WEIGHT_OPS, Graph, is_weight_layer, record  # noqa: F401  (is_weight_layer: re-exported)
+from .graph import (CAST_OPS, IDENTITY_OPS, POOLS, WEIGHT_OPS, Graph, is_weight_layer,  # noqa: F401
+                    record)  # is_weight_layer: re-exported
 from .ranges import (Moments, bn_interval, clip_moments, gelu_interval, layer_interval, layer_moments,  # noqa: F401
                      layer_norm_rule, prelu_moments, softmax_average_interval, sum_moments)
 
 Interval = Optional[tuple[float, float]]
 
 # functions whose output range is the hull of their tensor inputs' ranges
-_PASSTHROUGH = {
-    "max_pool2d", "max_pool1d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool1d",
-    "flatten", "reshape", "view", "permute", "transpose", "contiguous", "dropout", "interpolate",
+_PASSTHROUGH = frozenset({
+    "flatten", "reshape", "view", "permute", "transpose", "interpolate",
     "upsample", "upsample_nearest2d", "upsample_bilinear2d", "pixel_shuffle", "pixel_unshuffle",
-    "chunk", "split", "narrow", "__getitem__", "squeeze", "unsqueeze", "clone", "mean", "cat", "concat",
-    "stack", "pad", "max", "amax", "to", "float", "detach", "channel_shuffle", "repeat", "expand",
-    "roll", "flip", "t", "unbind", "select", "index_select", "identity", "type_as", "__iter__",
-    # the 1-d / 3-d pooling of Conv1d / Conv3d nets (a max or mean of the input stays within its range)
-    "adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d",
-    "adaptive_max_pool3d",
-}
+    "chunk", "split", "narrow", "__getitem__", "squeeze", "unsqueeze", "mean", "cat", "concat",
+    "stack", "pad", "max", "amax", "channel_shuffle", "repeat", "expand",
+    "roll", "flip", "t", "unbind", "select", "index_select", "__iter__",
+    # a max or mean of the input stays within its range (pools of every rank)
+    *POOLS, "dropout", *IDENTITY_OPS, *CAST_OPS,
+})
 # the recorded names of x + y, x - y and of x * y, x / y (the range and the moment rules read the same calls)
 _ADD_SUB = ("add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "__isub__")
 _MUL_DIV = ("mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__")
@@ -142,7 +141,7 @@ def _const(lo, hi):
 
 
 # ops that pass values through unchanged (eval mode): a softmax read through them is still a softmax
-_SAME_VALUES = frozenset({"dropout", "contiguous", "clone", "detach", "to", "float", "type_as", "identity"})
+_SAME_VALUES = frozenset({"dropout", *IDENTITY_OPS, *CAST_OPS})
 # the recorded calls of a weight layer: the graph's conv / linear ops and the transposed conv
 WEIGHT_CALLS = (*sorted(WEIGHT_OPS), "conv_transpose2d")
 

@@ -17,8 +17,9 @@ from rex.methods import list_methods
 from rex.nn import QuantLayer
 from rex.quant import WeightQuantizer
 from rex.quant.squant import make_squant_rounding, rounding_sums, squant_round
+from rex.ranges import clipped_normal_moments
 from rex.transforms import fold_batchnorm
-from rex.transforms.bias_correction import clipped_normal_moments, expected_inputs
+from rex.transforms.bias_correction import expected_inputs
 from rex.transforms.equalize import (
     absorb_high_bias,
     cross_layer_equalization,

@@ -1,9 +1,11 @@
 """BOPs / MACs arithmetic against hand-computed values."""
+import pytest
 import torch
 from torch import nn
 
 import rex
-from rex.cost import conv2d_macs, conv2d_output_hw, cost_table, layer_bops, linear_macs, model_size_bits
+from rex.cost import (conv2d_macs, conv2d_output_hw, cost_table, layer_bops, linear_macs, model_size_bits,
+                      order1_bops)
 
 
 def test_conv_macs_by_hand():
@@ -70,3 +72,37 @@ def test_model_size_bits():
     channels = 8 + 8 + 10
     biases = 8 + 8 + 10
     assert model_size_bits(q) == w * 4 + channels * 32 + biases * 32
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)  # SmolLM2's architecture (Llama: RMSNorm, SwiGLU, grouped-query attention), tiny
+    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("net", ["cnn", "llama"])
+def test_order1_bops_of_the_cost_table_equal_quantizing_again_at_order_1(net):
+    # the jobs' plain_bops (the base of budget ratios) is read from the order-K model's cost table instead of a
+    # second quantization at order 1: the same number, for every order, budget, allocation and end policy
+    from rex.runner import _quantize_into
+
+    if net == "cnn":
+        model, ex, rng = Tiny().eval(), torch.randn(1, 3, 10, 10), (-3.0, 3.0)
+    else:
+        g = torch.Generator().manual_seed(1)
+        model, ex, rng = _tiny_llama(), {"input_ids": torch.randint(0, 99, (1, 12), generator=g)}, None
+    for order, budget, extra in [(2, None, {}), (3, None, {}), (2, 1.5, {}), (3, 2.0, {}),
+                                 (3, 1.7, dict(allocation="greedy")), (2, 1.3, dict(first_last="same"))]:
+        spec = rex.QuantSpec(method="rex", wbits=4, abits=8, order=order, budget=budget, **extra)
+        q = rex.quantize(model, spec, example_input=ex, input_range=rng)
+        old = rex.bops(rex.quantize(model, spec.replace(order=1, budget=None), example_input=ex, input_range=rng), ex)
+        s = rex.summary(q, ex)
+        assert s["plain_bops"] == old, (order, budget, extra)
+        assert order1_bops(cost_table(q, ex)) == old
+        assert s["bops"] > old  # the expansion is counted on top of it
+        if net == "cnn" and order == 2 and budget is None:
+            out = {}
+            _quantize_into(out, model, spec, ex, rng)
+            assert out["plain_bops"] == old and out["bops"] == s["bops"]

@@ -136,3 +136,23 @@ def test_moments_with_mismatched_channels_are_an_explicit_unknown():
     r = moment_rules(net, torch.randn(1, 3, 2, 2), stats)
     assert r.expected["fc"] is None
     assert "linear fc: input moments for 6 channels, it reads 4" in r.unknown.values()
+
+
+def test_op_name_sets_derive_from_the_one_rank_generic_table_in_graph():
+    # the range (trace), equalization and moment rule sets are built from rex.graph's name table: every
+    # rank of a pool / dropout is in each set that takes that kind, and the sets differ only where the maths does
+    from rex import graph
+    from rex.trace import _PASSTHROUGH
+    from rex.transforms.bias_correction import _KEEP_MEAN
+    from rex.transforms.equalize import HOMOGENEOUS, SHIFT_COMMUTING
+
+    for d in (1, 2, 3):
+        pools = {f"max_pool{d}d", f"avg_pool{d}d", f"adaptive_max_pool{d}d", f"adaptive_avg_pool{d}d"}
+        assert pools <= _PASSTHROUGH and pools <= HOMOGENEOUS
+        assert {f"max_pool{d}d", f"adaptive_max_pool{d}d", f"adaptive_avg_pool{d}d"} <= SHIFT_COMMUTING
+        assert f"avg_pool{d}d" not in SHIFT_COMMUTING  # zero padding does not commute with a shift
+        assert {f"avg_pool{d}d", f"adaptive_avg_pool{d}d", f"dropout{d}d"} <= _KEEP_MEAN
+        assert f"max_pool{d}d" not in _KEEP_MEAN  # a max moves the mean
+        assert f"dropout{d}d" in HOMOGENEOUS and f"dropout{d}d" in SHIFT_COMMUTING
+    assert graph.POOLS <= _PASSTHROUGH and graph.IDENTITY_OPS <= _PASSTHROUGH & HOMOGENEOUS & _KEEP_MEAN
+    assert SHIFT_COMMUTING <= HOMOGENEOUS

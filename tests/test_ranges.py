@@ -125,3 +125,13 @@ def test_bert_w4a8_quantizes_qkv_and_intermediate_inputs():
     # the default protocol (range_propagation='moments') reaches those four inputs too
     q = rex.quantize(model, wbits=4, abits=8, example_input=example)
     assert q.rex_info.extra["float_inputs"] == dict(count=0, of=2 * 6 + 1, names=[])
+
+
+def test_range_maths_loads_without_the_transforms_package():
+    # rex.ranges is pure interval / moment maths: importing it must not pull in rex.transforms (it did when
+    # clipped_normal_moments lived in rex.transforms.bias_correction)
+    import subprocess
+    import sys
+    code = "import sys, rex.ranges; assert 'rex.transforms' not in sys.modules, sorted(sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -87,3 +87,21 @@ def test_distilled_batch_is_cached_on_disk(tmp_path, monkeypatch):
     zeroq._CACHE.clear()
     d, info = zeroq.distill_zeroq(net, (1, 1, 8, 8), batch=2, iters=4)
     assert not info["cached"] and torch.equal(a, d)
+
+
+def test_bad_example_input_fails_before_the_relu6_copy(monkeypatch):
+    # a non-tensor example input is refused before the model is deep-copied for relu6='relu'
+    import copy
+
+    import pytest
+
+    import rex
+    from rex.errors import ConfigError
+
+    def no_copy(*a, **k):
+        raise AssertionError("model copied before the example input was checked")
+
+    monkeypatch.setattr(copy, "deepcopy", no_copy)
+    with pytest.raises(ConfigError, match="single-tensor example_input"):
+        rex.quantize(_bn_net(), method="zeroq_lite", wbits=8, abits=8, relu6="relu",
+                     example_input=(torch.zeros(1, 1, 12, 12),), options={"zeroq_steps": 1})

@@ -62,6 +62,8 @@ def _zeroq(model, spec, example_input, input_range, faithful: bool):
     cfg = spec.config
     batch, steps, lr, pct = cfg.zeroq_batch, cfg.zeroq_steps, cfg.zeroq_lr, cfg.zeroq_percentile
     ex = example_input if example_input is not None else default_example_input(model)
+    if not isinstance(ex, torch.Tensor):  # before the relu6 copy: bad input fails fast
+        raise ConfigError(f"{name} needs a single-tensor example_input (the shape of the distilled batch)")
     src = model
     if spec.relu6 == "relu":  # the ranges are those of the protocol's model (the engine replaces them too);
         # the distillation matches BN statistics on the model as given (its cache key is the weights)
@@ -71,8 +73,6 @@ def _zeroq(model, spec, example_input, input_range, faithful: bool):
 
         src = copy.deepcopy(model)
         relu6_to_relu(src)
-    if not isinstance(ex, torch.Tensor):
-        raise ConfigError(f"{name} needs a single-tensor example_input (the shape of the distilled batch)")
     if faithful:
         data, dinfo = distill_zeroq(model, tuple(ex.shape), batch=batch, iters=steps, seed=spec.seed, lr=lr)
     else:

@@ -25,46 +25,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..graph import WEIGHT_OPS, Graph, record
+from ..graph import (ADAPTIVE_AVG_POOLS, AVG_POOLS, CAST_OPS, DROPOUTS, IDENTITY_OPS, WEIGHT_OPS, Graph,
+                     record)
 from ..nn.layers import CONVS
+from ..ranges import clipped_normal_moments
 from .base import Context, Transform
 from .equalize import apply_to_constant
 
 Stat = Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]  # (mean [C], var [C] or None)
 
-_KEEP_MEAN = {"dropout", "dropout2d", "avg_pool2d", "adaptive_avg_pool2d", "avg_pool1d", "contiguous", "clone",
-              "detach", "identity", "pad", "to", "float", "type_as",
-              "dropout1d", "dropout3d", "adaptive_avg_pool1d", "avg_pool3d", "adaptive_avg_pool3d"}
-
-
-def _phi(z: torch.Tensor) -> torch.Tensor:
-    return torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-
-
-def _Phi(z: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-
-
-def clipped_normal_moments(mu: torch.Tensor, var: torch.Tensor, lo: Optional[float], hi: Optional[float]):
-    """Mean and variance of clamp(X, lo, hi) for X ~ N(mu, var) (lo/hi None = unbounded), elementwise."""
-    mu, var = mu.double(), var.double().clamp(min=0)
-    sd = var.sqrt().clamp(min=1e-12)
-    a = torch.full_like(mu, -math.inf) if lo is None else (lo - mu) / sd
-    b = torch.full_like(mu, math.inf) if hi is None else (hi - mu) / sd
-    pa, pb = _Phi(a), _Phi(b)
-    da = torch.where(torch.isfinite(a), _phi(a), torch.zeros_like(a))
-    db = torch.where(torch.isfinite(b), _phi(b), torch.zeros_like(b))
-    # E[X 1{a<Z<b}] and E[X^2 1{a<Z<b}] with Z the standardized X
-    m_in = mu * (pb - pa) + sd * (da - db)
-    az = torch.where(torch.isfinite(a), a * da, torch.zeros_like(a))
-    bz = torch.where(torch.isfinite(b), b * db, torch.zeros_like(b))
-    s2_in = (mu * mu + var) * (pb - pa) + 2 * mu * sd * (da - db) + var * (az - bz)
-    lo_t = 0.0 if lo is None else lo
-    hi_t = 0.0 if hi is None else hi
-    mean = m_in + lo_t * pa + hi_t * (1 - pb)
-    second = s2_in + lo_t * lo_t * pa + hi_t * hi_t * (1 - pb)
-    out_var = (second - mean * mean).clamp(min=0)
-    return mean.float(), out_var.float()
+# ops whose output has the per-channel mean (and variance) of their input
+_KEEP_MEAN = frozenset({"pad", *DROPOUTS, *AVG_POOLS, *ADAPTIVE_AVG_POOLS, *IDENTITY_OPS, *CAST_OPS})
 
 
 def _in_channels(m: nn.Module) -> int:

@@ -27,23 +27,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..graph import Graph, record
+from ..graph import ALPHA_DROPOUTS, AVG_POOLS, DROPOUTS, IDENTITY_OPS, POOLS, Graph, record
 from ..nn.layers import CONVS
 from .base import Context, Transform
 from .modules import get_module, set_module
 
 # ops through which a per-channel positive scale passes unchanged (relu(s x) = s relu(x), ...)
-HOMOGENEOUS = {"relu", "dropout", "max_pool2d", "max_pool1d", "adaptive_max_pool2d", "avg_pool2d", "avg_pool1d",
-               "adaptive_avg_pool2d", "flatten", "contiguous", "clone", "pad", "mean", "identity", "detach",
-               "dropout2d", "feature_alpha_dropout", "alpha_dropout",
-               "adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d",
-               "adaptive_max_pool3d", "dropout1d", "dropout3d"}
-# of those, the ops that also commute with a per-channel shift (needed for high-bias absorption)
-SHIFT_COMMUTING = {"relu", "dropout", "max_pool2d", "max_pool1d", "adaptive_max_pool2d", "adaptive_avg_pool2d",
-                   "flatten", "contiguous", "clone", "mean", "identity", "detach", "dropout2d",
-                   "adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool3d", "adaptive_avg_pool3d",
-                   "adaptive_max_pool3d", "dropout1d", "dropout3d"}
-
+HOMOGENEOUS = frozenset({"relu", "flatten", "pad", "mean", *POOLS, *DROPOUTS, *ALPHA_DROPOUTS, *IDENTITY_OPS})
+# of those, the ops that also commute with a per-channel shift (needed for high-bias absorption): not the
+# zero padding of pad / avg_pool
+SHIFT_COMMUTING = HOMOGENEOUS - AVG_POOLS - ALPHA_DROPOUTS - {"pad"}
 
 @dataclass
 class Node:
