@@ -295,6 +295,9 @@ def main(argv=None) -> int:
     from .errors import RexError, RexWarning
 
     args = build_parser().parse_args(argv)
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()  # large activations reuse the heap instead of fresh pages per layer (rex.runtime)
     default_show = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):

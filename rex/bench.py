@@ -185,9 +185,16 @@ def quant_speed_main(args) -> int:
 
     meta = dict(when=time.strftime("%Y-%m-%d %H:%M:%S"), machine=platform.machine(), cpus=os.cpu_count(),
                 torch=torch.__version__, python=platform.python_version(), repeats=args.repeats,
-                loadavg=os.getloadavg())
+                loadavg=os.getloadavg(), malloc_keeps_freed_memory=_child_malloc_setting())
     return _write_results(out, meta, rows, ["model", "config", "threads", "status", "quant_seconds", "layers",
                                             "loadavg"])
+
+
+def _child_malloc_setting() -> bool:
+    """Whether the measuring child processes keep freed memory (rex.runtime; they call it at start)."""
+    from rex.runtime import keep_freed_memory
+
+    return keep_freed_memory()
 
 
 def _write_results(out: Path, meta: dict, rows: list, cols: list) -> int:
@@ -235,7 +242,7 @@ def main(args) -> int:
         when=time.strftime("%Y-%m-%d %H:%M:%S"), machine=platform.machine(), processor=platform.processor(),
         cpus=os.cpu_count(), threads=args.threads, device=args.device, torch=torch.__version__,
         python=platform.python_version(), limit=args.limit, batch_size=args.batch_size,
-        loadavg=os.getloadavg(),
+        loadavg=os.getloadavg(), malloc_keeps_freed_memory=_child_malloc_setting(),
     )
     return _write_results(out, meta, rows, ["model", "config", "status", "quant_seconds", "eval_seconds",
                                             "images_per_second", "eval_time_vs_fp32", "peak_rss_mb",
@@ -243,6 +250,9 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
+    from rex.runtime import keep_freed_memory
+
+    keep_freed_memory()  # measured as the pipeline runs (rex.runtime)
     cfg = json.loads(sys.argv[1])
     if cfg.get("kind") == "quant_speed":
         print(json.dumps(run_quant_speed(cfg["model"], cfg["spec"], cfg["threads"], cfg["repeats"])))

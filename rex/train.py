@@ -320,6 +320,9 @@ def recipe_of_argv(argv: list) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()  # large activations reuse the heap instead of fresh pages per layer (rex.runtime)
     kw = _size_args(args)
     try:
         train(args.model, seed=args.seed, out=args.out, batch_size=args.batch_size, lr=args.lr,

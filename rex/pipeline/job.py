@@ -47,7 +47,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import protocols
+from .. import protocols, runtime
 from ..errors import NotApplicableError as NotApplicable
 from . import grid as gridlib
 
@@ -420,7 +420,8 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
     record["peak_rss_mb"] = peak_rss_mb()
     record["versions"] = versions()
     record["git"] = git_info()
-    record["host"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    record["host"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                      "malloc_keeps_freed_memory": runtime.keep_freed_memory()}
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start))
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     failed = record["status"] not in gridlib.FINAL_STATUSES
@@ -452,6 +453,7 @@ def main(argv=None) -> int:
                     help="do not log to MLflow (the pipeline logs in its own rule, mlflow_log)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=resnet20_fmnist method=rex method.order=2")
     a = ap.parse_args(argv)
+    runtime.keep_freed_memory()  # before anything large is allocated: 2-4x faster CPU inference (rex.runtime)
     out = Path(a.out)
     record = run(out, a.overrides, threads=a.threads, grid_name=a.grid)
     status = record["status"]
