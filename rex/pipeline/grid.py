@@ -40,6 +40,10 @@ from .. import protocols
 from ..errors import ConfigError
 from ..labels import FLOAT_BITS, FP32_METHOD, LABEL_RE, fp32_label, label, parse_label  # noqa: F401 (re-exported)
 
+# Methods whose calibration is a distillation cached on disk (rex.zeroq), the same for every bit-width: the
+# workflow runs a model's first such job before the others (common.smk), so it is computed once.
+DISTILLING_METHODS = ("zeroq", "zeroq_lite")
+
 TASKS = ("classification", "detection", "segmentation", "text_similarity", "language_modeling")
 PRIMARY_METRIC = {"classification": "top1", "detection": "AP", "segmentation": "mIoU",
                   "text_similarity": "spearman", "language_modeling": "perplexity"}
