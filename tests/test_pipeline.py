@@ -316,3 +316,27 @@ def test_smoke_grid_end_to_end(tmp_path):
     os.remove(results / "mlflow.db")
     r3 = snakemake("-n", "--cores", "2", "--configfile", str(smoke), "--config", f"results_dir={results}")
     assert "Nothing to be done" in (r3.stdout + r3.stderr)
+
+
+def test_a_distilling_methods_first_job_runs_before_its_others(tmp_path):
+    """ZeroQ at two bit-widths on one net: the second job waits for the first, which fills the distillation
+    cache, instead of distilling again beside it; other methods do not wait for each other."""
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "name": "distill", "models": [{"model": "resnet20_fmnist", "dataset": "fashion_mnist", "limit": 10}],
+        "methods": [{"method": "zeroq", "bits": [[4, 8], [4, 4]]}, {"method": "rtn", "bits": [[8, 8], [4, 4]]}]}))
+    r = snakemake("-n", "--cores", "1", "--configfile", str(grid_file), "--config",
+                  f"results_dir={tmp_path / 'results'}", timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    runs = "runs/classification/resnet20_fmnist"
+    inputs = {}  # job folder -> its input line, from the dry run's rule blocks
+    lines = out.splitlines()
+    for i, ln in enumerate(lines):
+        if ln.strip().startswith("output:") and f"{runs}/method=" in ln:
+            label = ln.split(f"{runs}/")[1].split("/done")[0]
+            inputs[label] = next((x for x in lines[max(0, i - 2):i] if x.strip().startswith("input:")), "")
+    first, second = "method=zeroq,w=4,a=8,K=1", "method=zeroq,w=4,a=4,K=1"
+    assert f"{runs}/{first}/done" in inputs[second]
+    assert "method=zeroq" not in inputs[first]
+    assert "method=rtn,w=8,a=8" not in inputs["method=rtn,w=4,a=4,K=1"]
