@@ -185,16 +185,9 @@ def quant_speed_main(args) -> int:
 
     meta = dict(when=time.strftime("%Y-%m-%d %H:%M:%S"), machine=platform.machine(), cpus=os.cpu_count(),
                 torch=torch.__version__, python=platform.python_version(), repeats=args.repeats,
-                loadavg=os.getloadavg(), malloc_keeps_freed_memory=_child_malloc_setting())
+                loadavg=os.getloadavg())
     return _write_results(out, meta, rows, ["model", "config", "threads", "status", "quant_seconds", "layers",
                                             "loadavg"])
-
-
-def _child_malloc_setting() -> bool:
-    """Whether the measuring child processes keep freed memory (rex.runtime; they call it at start)."""
-    from rex.runtime import keep_freed_memory
-
-    return keep_freed_memory()
 
 
 def _write_results(out: Path, meta: dict, rows: list, cols: list) -> int:
@@ -242,7 +235,7 @@ def main(args) -> int:
         when=time.strftime("%Y-%m-%d %H:%M:%S"), machine=platform.machine(), processor=platform.processor(),
         cpus=os.cpu_count(), threads=args.threads, device=args.device, torch=torch.__version__,
         python=platform.python_version(), limit=args.limit, batch_size=args.batch_size,
-        loadavg=os.getloadavg(), malloc_keeps_freed_memory=_child_malloc_setting(),
+        loadavg=os.getloadavg(),
     )
     return _write_results(out, meta, rows, ["model", "config", "status", "quant_seconds", "eval_seconds",
                                             "images_per_second", "eval_time_vs_fp32", "peak_rss_mb",
@@ -252,10 +245,11 @@ def main(args) -> int:
 if __name__ == "__main__":
     from rex.runtime import keep_freed_memory
 
-    keep_freed_memory()  # measured as the pipeline runs (rex.runtime)
+    kept = keep_freed_memory()  # measured as the pipeline runs (rex.runtime); each row says whether it took
     cfg = json.loads(sys.argv[1])
     if cfg.get("kind") == "quant_speed":
-        print(json.dumps(run_quant_speed(cfg["model"], cfg["spec"], cfg["threads"], cfg["repeats"])))
+        print(json.dumps(dict(run_quant_speed(cfg["model"], cfg["spec"], cfg["threads"], cfg["repeats"]),
+                              malloc_keeps_freed_memory=kept)))
         sys.exit(0)
     res = run_one(cfg["model"], cfg["spec"], cfg["extra"], cfg["limit"], cfg["batch_size"], cfg["threads"], cfg["device"])
-    print(json.dumps(res))
+    print(json.dumps(dict(res, malloc_keeps_freed_memory=kept)))

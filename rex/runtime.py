@@ -18,20 +18,28 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from typing import Optional
 
 # glibc's mallopt parameter numbers (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # the largest value mallopt takes: never return the top of the heap below 2 GiB free
 
-_DONE: list = []
+_KEPT: Optional[bool] = None  # None: keep_freed_memory() not called in this process
+
+
+def freed_memory_kept() -> bool:
+    """Whether this process keeps freed memory (``keep_freed_memory`` was called and took effect); changes
+    nothing, for the records."""
+    return bool(_KEPT)
 
 
 def keep_freed_memory() -> bool:
     """Keep freed memory in the heap (glibc: no mmap for large blocks, no trimming). Returns whether it is
     in effect: False on a non-glibc C library, on other systems, or with ``REX_MALLOC=system``."""
-    if _DONE:
-        return _DONE[0]
+    global _KEPT
+    if _KEPT is not None:
+        return _KEPT
     ok = False
     if os.environ.get("REX_MALLOC", "").lower() != "system" and sys.platform.startswith("linux"):
         try:
@@ -41,5 +49,5 @@ def keep_freed_memory() -> bool:
             ok = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
         except (OSError, AttributeError):
             ok = False
-    _DONE.append(ok)
+    _KEPT = ok
     return ok

@@ -73,3 +73,12 @@ with torch.no_grad():
 
         outs.append(torch.load(f, weights_only=True))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_record_reads_the_setting_without_changing_it():
+    code = ("from rex.runtime import freed_memory_kept as kept, keep_freed_memory as keep; "
+            "print(kept(), kept(), keep(), kept())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.split() == ["False", "False", "True", "True"], r.stderr[-2000:]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import time
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ HQQ_VERSION = "0.2.8.post1"
 META_BITS = 16  # HQQ keeps each scale and zero point as a 16-bit float (compute dtype float16 by default)
 
 
+@functools.cache
 def hqq_bits() -> tuple:
     """The integer bit-widths HQQ quantizes to that a spec can ask for (wbits >= 2): 2, 3, 4, 5, 6, 8."""
     _, Quantizer = require_hqq()

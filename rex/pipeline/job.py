@@ -421,7 +421,7 @@ def run(out: Path, overrides: list, threads: Optional[int] = None, grid_name: Op
     record["versions"] = versions()
     record["git"] = git_info()
     record["host"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                      "malloc_keeps_freed_memory": runtime.keep_freed_memory()}
+                      "malloc_keeps_freed_memory": runtime.freed_memory_kept()}
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start))
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     failed = record["status"] not in gridlib.FINAL_STATUSES
